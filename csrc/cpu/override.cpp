@@ -1,0 +1,71 @@
+// The switch between our kernels and torchvision's (see override.h), and the small control
+// ops the Python side calls: nothing here is on a hot path.
+#include "override.h"
+
+#include <c10/macros/Macros.h>
+
+#include <memory>
+#include <mutex>
+#include <string>
+
+namespace tvce {
+namespace {
+
+struct Entry {
+  std::vector<const char*> ops;
+  RegisterFn fn;
+};
+
+std::vector<Entry>& registry() {
+  static std::vector<Entry> r;
+  return r;
+}
+
+std::mutex g_mutex;
+std::unique_ptr<torch::Library> g_lib;
+
+// Every kernel registered through the override carries this file string in the dispatcher's
+// debug info; info() and the tests read it to prove which kernel is dispatched.
+constexpr const char* kMarker = "torchvision_cpu_ext/csrc/cpu/override.cpp";
+
+bool set_cpu_override(bool enabled) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const bool was = g_lib != nullptr;
+  if (enabled && !g_lib) {
+    auto lib = std::make_unique<torch::Library>(
+        torch::Library::IMPL, "torchvision", c10::DispatchKey::CPU, kMarker, __LINE__);
+    for (const auto& e : registry()) {
+      e.fn(*lib);
+    }
+    g_lib = std::move(lib);
+  } else if (!enabled) {
+    g_lib.reset();
+  }
+  return was;
+}
+
+std::vector<std::string> cpu_override_ops() {
+  std::vector<std::string> out;
+  for (const auto& e : registry()) {
+    out.insert(out.end(), e.ops.begin(), e.ops.end());
+  }
+  return out;
+}
+
+std::string capability() {
+  return C10_STRINGIZE(CPU_CAPABILITY);
+}
+
+} // namespace
+
+CpuOverride::CpuOverride(std::vector<const char*> ops, RegisterFn fn) {
+  registry().push_back({std::move(ops), fn});
+}
+
+} // namespace tvce
+
+TORCH_LIBRARY(torchvision_cpu_ext, m) {
+  m.def("_set_cpu_override(bool enabled) -> bool", &tvce::set_cpu_override);
+  m.def("_cpu_override_ops() -> str[]", &tvce::cpu_override_ops);
+  m.def("_capability() -> str", &tvce::capability);
+}

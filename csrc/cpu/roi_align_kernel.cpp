@@ -1,0 +1,332 @@
+// roi_align forward and backward for CPU: NCHW and channels_last, float/double/bfloat16/half
+// (reduced types accumulate in float).
+//
+// NOTE [ roi_align layouts ]
+// Sampling positions and weights come from roi_common.h (NOTE [ separable bilinear
+// sampling ]): per ROI, merged row taps per output row of bins and merged column taps per
+// output column of bins, shared by every channel.
+// - channels_last forward: the C values of a pixel are contiguous, so one bin is a weighted
+//   sum of whole pixel vectors. Vectorize over C; parallel over ROIs.
+// - NCHW forward: a channel plane (H*W values) is the unit that stays in cache. Loop
+//   channel-major over (channel, ROI) pairs, so all ROIs of a plane read it while it is hot
+//   (torchvision goes ROI-major and streams every plane once per ROI). Each bin is a small
+//   dot product over contiguous row segments; parallel over the (channel, ROI) pairs.
+// - Backward (both layouts) scatters into grad_input, where ROIs overlap. Partition by
+//   channel: a thread owns whole channels and visits ROIs, bins and taps in one fixed order,
+//   so there are no races, no atomics, and the result is bitwise the same for any thread
+//   count. channels_last owns blocks of one vector of channels (a cache line in fp32, so no
+//   false sharing); NCHW owns whole planes. bfloat16/half gradients accumulate in a float
+//   buffer and are rounded once at the end.
+#include "override.h"
+#include "roi_common.h"
+#include "vec_io.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+namespace tvce {
+namespace {
+
+using detail::AxisTaps;
+using detail::RoiSampling;
+
+constexpr const char* kOp = "roi_align";
+
+// Calls f(std::integral_constant<int, NV>, c, n_last) over the channel range [c0, c1) in
+// groups of NV opmath vectors; n_last is the number of valid lanes in the group's last
+// vector. Four vectors per group keep four independent FMA chains in flight.
+template <typename scalar_t, typename F>
+inline void for_channel_groups(int64_t c0, int64_t c1, const F& f) {
+  constexpr int64_t V = OpVec<scalar_t>::size();
+  int64_t c = c0;
+  for (; c + 4 * V <= c1; c += 4 * V) {
+    f(std::integral_constant<int, 4>{}, c, V);
+  }
+  for (; c < c1; c += V) {
+    f(std::integral_constant<int, 1>{}, c, std::min(V, c1 - c));
+  }
+}
+
+template <typename scalar_t>
+void forward_channels_last(
+    const at::Tensor& input,  // [N, C, H, W], channels_last contiguous
+    const at::Tensor& rois_acc,
+    at::Tensor& output,  // [K, C, PH, PW], channels_last
+    double spatial_scale,
+    int64_t PH,
+    int64_t PW,
+    int64_t sampling_ratio,
+    bool aligned) {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = OpVec<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t K = rois_acc.size(0);
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* out = output.data_ptr<scalar_t>();
+  const acc_t* r = rois_acc.const_data_ptr<acc_t>();
+  // ~9 pixel reads per bin and channel.
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, C * PH * PW * 9));
+  at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
+    RoiSampling<acc_t> s;
+    for (int64_t k = k0; k < k1; ++k) {
+      detail::build_roi_sampling<acc_t>(
+          r + 5 * k, N, H, W, static_cast<acc_t>(spatial_scale), PH, PW, sampling_ratio, aligned, s);
+      const scalar_t* img = in + s.batch * H * W * C;
+      const Vec count(s.count);
+      for (int64_t ph = 0; ph < PH; ++ph) {
+        for (int64_t pw = 0; pw < PW; ++pw) {
+          scalar_t* dst = out + ((k * PH + ph) * PW + pw) * C;
+          for_channel_groups<scalar_t>(0, C, [&](auto nv, int64_t c, int64_t n_last) {
+            constexpr int NV = decltype(nv)::value;
+            Vec acc[NV];
+            for (int v = 0; v < NV; ++v) acc[v] = Vec(acc_t(0));
+            for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
+              const scalar_t* row = img + s.y.idx[ky] * W * C + c;
+              Vec racc[NV];
+              for (int v = 0; v < NV; ++v) racc[v] = Vec(acc_t(0));
+              for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
+                const scalar_t* px = row + s.x.idx[kx] * C;
+                const Vec wx(s.x.w[kx]);
+                for (int v = 0; v < NV; ++v) {
+                  racc[v] = at::vec::fmadd(wx, load_opmath(px + v * V, v == NV - 1 ? n_last : V), racc[v]);
+                }
+              }
+              const Vec wy(s.y.w[ky]);
+              for (int v = 0; v < NV; ++v) acc[v] = at::vec::fmadd(wy, racc[v], acc[v]);
+            }
+            for (int v = 0; v < NV; ++v) {
+              store_opmath(dst + c + v * V, acc[v] / count, v == NV - 1 ? n_last : V);
+            }
+          });
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_nchw(
+    const at::Tensor& input,  // [N, C, H, W], contiguous
+    const std::vector<RoiSampling<opmath_t<scalar_t>>>& S,
+    at::Tensor& output,  // [K, C, PH, PW], contiguous
+    int64_t PH,
+    int64_t PW) {
+  using acc_t = opmath_t<scalar_t>;
+  const int64_t C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t K = static_cast<int64_t>(S.size());
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* out = output.data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, PH * PW * 9));
+  // Channel-major over (channel, ROI): see NOTE [ roi_align layouts ].
+  at::parallel_for(0, C * K, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t c = i / K, k = i % K;
+      const RoiSampling<acc_t>& s = S[k];
+      const scalar_t* plane = in + (s.batch * C + c) * H * W;
+      scalar_t* dst = out + (k * C + c) * PH * PW;
+      for (int64_t ph = 0; ph < PH; ++ph) {
+        for (int64_t pw = 0; pw < PW; ++pw) {
+          acc_t acc = 0;
+          for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
+            const scalar_t* row = plane + s.y.idx[ky] * W;
+            acc_t racc = 0;
+            for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
+              racc += s.x.w[kx] * static_cast<acc_t>(row[s.x.idx[kx]]);
+            }
+            acc += s.y.w[ky] * racc;
+          }
+          dst[ph * PW + pw] = static_cast<scalar_t>(acc / s.count);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_channels_last(
+    const at::Tensor& grad,  // [K, C, PH, PW], channels_last contiguous
+    const std::vector<RoiSampling<opmath_t<scalar_t>>>& S,
+    at::Tensor& grad_in_acc,  // [N, C, H, W], channels_last, opmath dtype, zeroed
+    int64_t PH,
+    int64_t PW) {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = OpVec<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t C = grad_in_acc.size(1), H = grad_in_acc.size(2), W = grad_in_acc.size(3);
+  const int64_t K = static_cast<int64_t>(S.size());
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  acc_t* gi = grad_in_acc.data_ptr<acc_t>();
+  // Threads own blocks of V channels (see NOTE [ roi_align layouts ]).
+  const int64_t blocks = (C + V - 1) / V;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t c_end = std::min(C, b1 * V);
+    for (int64_t k = 0; k < K; ++k) {
+      const RoiSampling<acc_t>& s = S[k];
+      acc_t* img = gi + s.batch * H * W * C;
+      const Vec count(s.count);
+      for (int64_t ph = 0; ph < PH; ++ph) {
+        for (int64_t pw = 0; pw < PW; ++pw) {
+          const scalar_t* src = g + ((k * PH + ph) * PW + pw) * C;
+          for_channel_groups<scalar_t>(b0 * V, c_end, [&](auto nv, int64_t c, int64_t n_last) {
+            constexpr int NV = decltype(nv)::value;
+            Vec gv[NV];
+            for (int v = 0; v < NV; ++v) {
+              gv[v] = load_opmath(src + c + v * V, v == NV - 1 ? n_last : V) / count;
+            }
+            for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
+              acc_t* row = img + s.y.idx[ky] * W * C + c;
+              for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
+                acc_t* px = row + s.x.idx[kx] * C;
+                const Vec w(s.y.w[ky] * s.x.w[kx]);
+                for (int v = 0; v < NV; ++v) {
+                  const int64_t n = v == NV - 1 ? n_last : V;
+                  at::vec::fmadd(w, gv[v], Vec::loadu(px + v * V, n)).store(px + v * V, static_cast<int>(n));
+                }
+              }
+            }
+          });
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_nchw(
+    const at::Tensor& grad,  // [K, C, PH, PW], contiguous
+    const std::vector<RoiSampling<opmath_t<scalar_t>>>& S,
+    at::Tensor& grad_in_acc,  // [N, C, H, W], contiguous, opmath dtype, zeroed
+    int64_t PH,
+    int64_t PW) {
+  using acc_t = opmath_t<scalar_t>;
+  const int64_t C = grad_in_acc.size(1), H = grad_in_acc.size(2), W = grad_in_acc.size(3);
+  const int64_t K = static_cast<int64_t>(S.size());
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  acc_t* gi = grad_in_acc.data_ptr<acc_t>();
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, K * PH * PW * 9));
+  // Threads own whole channels (see NOTE [ roi_align layouts ]).
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t k = 0; k < K; ++k) {
+        const RoiSampling<acc_t>& s = S[k];
+        acc_t* plane = gi + (s.batch * C + c) * H * W;
+        const scalar_t* src = g + (k * C + c) * PH * PW;
+        for (int64_t ph = 0; ph < PH; ++ph) {
+          for (int64_t pw = 0; pw < PW; ++pw) {
+            const acc_t gv = static_cast<acc_t>(src[ph * PW + pw]) / s.count;
+            for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
+              acc_t* row = plane + s.y.idx[ky] * W;
+              const acc_t gy = gv * s.y.w[ky];
+              for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
+                row[s.x.idx[kx]] += gy * s.x.w[kx];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor roi_align_forward(
+    const at::Tensor& input,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned) {
+  detail::check_roi_inputs(kOp, input, rois);
+  detail::check_pooled_size(kOp, pooled_height, pooled_width);
+  const auto fmt = input.suggest_memory_format();
+  const int64_t K = rois.size(0), C = input.size(1);
+  at::Tensor output = at::empty({K, C, pooled_height, pooled_width}, input.options().memory_format(fmt));
+  if (output.numel() == 0) {
+    return output;
+  }
+  const at::Tensor in = input.contiguous(fmt);
+  const at::Tensor r = detail::rois_as(rois, at::toOpMathType(input.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "roi_align_forward", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    switch (fmt) {
+      case at::MemoryFormat::ChannelsLast:
+        forward_channels_last<scalar_t>(in, r, output, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
+        break;
+      case at::MemoryFormat::Contiguous: {
+        const auto S = detail::build_all_roi_sampling<acc_t>(
+            r, in.size(0), in.size(2), in.size(3), spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
+        forward_nchw<scalar_t>(in, S, output, pooled_height, pooled_width);
+        break;
+      }
+      default:
+        TORCH_CHECK(false, kOp, ": unsupported memory format ", fmt, "; expected Contiguous or ChannelsLast");
+    }
+  });
+  return output;
+}
+
+at::Tensor roi_align_backward(
+    const at::Tensor& grad,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t batch_size,
+    int64_t channels,
+    int64_t height,
+    int64_t width,
+    int64_t sampling_ratio,
+    bool aligned) {
+  constexpr const char* op = "_roi_align_backward";
+  detail::check_roi_inputs(op, grad, rois);
+  detail::check_pooled_size(op, pooled_height, pooled_width);
+  TORCH_CHECK(
+      batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0, op,
+      ": input shape (batch_size, channels, height, width) must be non-negative, got (", batch_size, ", ",
+      channels, ", ", height, ", ", width, ")");
+  TORCH_CHECK(
+      grad.size(0) == rois.size(0) && grad.size(1) == channels && grad.size(2) == pooled_height &&
+          grad.size(3) == pooled_width,
+      op, ": grad must have shape [K, channels, pooled_height, pooled_width] = [", rois.size(0), ", ", channels,
+      ", ", pooled_height, ", ", pooled_width, "], got ", grad.sizes());
+  // The forward returns channels_last output for channels_last input, so the gradient's
+  // layout tells which layout the input had.
+  const auto fmt = grad.suggest_memory_format();
+  const auto acc_type = at::toOpMathType(grad.scalar_type());
+  // (at::zeros has no memory_format: it would silently drop it.)
+  at::Tensor grad_in =
+      at::empty({batch_size, channels, height, width}, grad.options().dtype(acc_type).memory_format(fmt)).zero_();
+  if (grad.numel() == 0 || grad_in.numel() == 0) {
+    return grad_in.to(grad.scalar_type());
+  }
+  const at::Tensor g = grad.contiguous(fmt);
+  const at::Tensor r = detail::rois_as(rois, acc_type);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "roi_align_backward", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    const auto S = detail::build_all_roi_sampling<acc_t>(
+        r, batch_size, height, width, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
+    switch (fmt) {
+      case at::MemoryFormat::ChannelsLast:
+        backward_channels_last<scalar_t>(g, S, grad_in, pooled_height, pooled_width);
+        break;
+      case at::MemoryFormat::Contiguous:
+        backward_nchw<scalar_t>(g, S, grad_in, pooled_height, pooled_width);
+        break;
+      default:
+        TORCH_CHECK(false, op, ": unsupported memory format ", fmt, "; expected Contiguous or ChannelsLast");
+    }
+  });
+  // A no-op for float/double; rounds the float accumulator once for bfloat16/half.
+  return grad_in.to(grad.scalar_type());
+}
+
+void register_kernels(torch::Library& m) {
+  m.impl("roi_align", TORCH_FN(roi_align_forward));
+  m.impl("_roi_align_backward", TORCH_FN(roi_align_backward));
+}
+
+const CpuOverride registrar({"roi_align", "_roi_align_backward"}, &register_kernels);
+
+} // namespace
+} // namespace tvce

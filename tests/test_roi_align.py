@@ -1,0 +1,347 @@
+"""roi_align: our kernels against a float64 reference and torchvision's native kernel."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torchvision
+from conftest import NATIVE
+from reference import roi_align as ref_roi_align
+from torchvision.ops import roi_align
+
+import torchvision_cpu_ext
+
+OP = torch.ops.torchvision.roi_align
+BWD = torch.ops.torchvision._roi_align_backward
+
+N, C, H, W = 2, 5, 11, 13
+SCALE = 0.5  # boxes are given in image coordinates, twice the feature map
+POOLED = (3, 4)
+
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+
+
+def make_rois(K: int = 14, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Random boxes, many partly or fully outside the image, plus the awkward ones."""
+    g = torch.Generator().manual_seed(seed)
+    img_w, img_h = W / SCALE, H / SCALE
+    b = torch.randint(0, N, (K, 1), generator=g).double()
+    xy = torch.rand(K, 2, generator=g, dtype=torch.float64) * torch.tensor([img_w, img_h]) * 1.4 - 4
+    wh = torch.rand(K, 2, generator=g, dtype=torch.float64) * torch.tensor([img_w, img_h]) * 0.8
+    boxes = torch.cat([b, xy, xy + wh], 1)
+    special = torch.tensor(
+        [
+            [0, 3.0, 3.0, 3.0, 3.0],  # degenerate: a point
+            [1, 10.0, 4.0, 10.0, 20.0],  # degenerate: a vertical segment
+            [1, 20.0, 15.0, 6.0, 2.0],  # inverted
+            [0, -60.0, -50.0, -20.0, -10.0],  # fully outside, above-left
+            [1, img_w + 5, img_h + 5, img_w + 40, img_h + 40],  # fully outside, below-right
+            [0, -10.0, -10.0, img_w + 10, img_h + 10],  # covers the whole map and more
+            [1, img_w - 1.0, img_h - 1.0, img_w + 1.0, img_h + 1.0],  # on the far corner
+            [0, 0.0, 0.0, img_w, img_h],  # exactly the image
+        ],
+        dtype=torch.float64,
+    )
+    return torch.cat([boxes, special]).to(dtype)
+
+
+def make_input(dtype: torch.dtype, layout: str, contiguous: bool, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    if contiguous:
+        return x.contiguous(memory_format=fmt)
+    # The same values as a strided view (in either layout) of a wider tensor.
+    wide = torch.full((N, C, H, W + 3), float("nan"), dtype=dtype).contiguous(memory_format=fmt)
+    wide[..., 1 : W + 1] = x
+    view = wide[..., 1 : W + 1]
+    assert not view.is_contiguous() and not view.is_contiguous(memory_format=torch.channels_last)
+    return view
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(dtype: torch.dtype, rois_dtype: torch.dtype, aligned: bool, sampling_ratio: int) -> torch.Tensor:
+    # The reference sees the input values and boxes the kernel sees (rounded to dtype).
+    x = make_input(dtype, "nchw", True).double()
+    return ref_roi_align(x, make_rois(dtype=rois_dtype), SCALE, *POOLED, sampling_ratio, aligned)
+
+
+LAYOUTS = ["nchw", "channels_last"]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def expected_format(layout: str) -> torch.memory_format:
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0, -1, 3])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "legacy"])
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_matches_reference(dtype, layout, contiguous, aligned, sampling_ratio, threads):
+    x = make_input(dtype, layout, contiguous)
+    for rois_dtype in {dtype, torch.float32} if dtype in (torch.bfloat16, torch.float16) else {dtype}:
+        rois = make_rois(dtype=rois_dtype)
+        out = roi_align(x, rois, POOLED, SCALE, sampling_ratio, aligned)
+        assert out.dtype == dtype
+        assert out.is_contiguous(memory_format=expected_format(layout))
+        expected = _reference(dtype, rois_dtype, aligned, sampling_ratio)
+        torch.testing.assert_close(out.double(), expected, **TOL[dtype])
+
+
+@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "legacy"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+def test_forward_backward_match_torchvision(dtype, layout, aligned, sampling_ratio, threads):
+    x = make_input(dtype, layout, True).requires_grad_()
+    rois = make_rois(dtype=dtype)
+    g = torch.randn(rois.shape[0], C, *POOLED, dtype=torch.float64).to(dtype)
+
+    def run():
+        x.grad = None
+        out = roi_align(x, rois, POOLED, SCALE, sampling_ratio, aligned)
+        out.backward(g)
+        return out.detach(), x.grad.clone()
+
+    out, grad = run()
+    torchvision_cpu_ext.disable()
+    try:
+        tv_out, tv_grad = run()
+    finally:
+        torchvision_cpu_ext.enable()
+    # torchvision computes float16 in float16 arithmetic (each step rounded: errors of a few
+    # 1e-2 on unit-variance data); we accumulate in float32, which the reference test checks.
+    tol = dict(rtol=5e-2, atol=5e-2) if dtype == torch.float16 else TOL[dtype]
+    torch.testing.assert_close(out, tv_out, **tol)
+    torch.testing.assert_close(grad, tv_grad, **tol)
+    assert grad.is_contiguous(memory_format=expected_format(layout))
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "legacy"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+def test_gradcheck(layout, aligned, sampling_ratio):
+    x = torch.rand(1, 3, 6, 7, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    rois = torch.tensor(
+        [[0, 0.0, 0.0, 9.0, 9.0], [0, 1.5, 2.5, 7.0, 6.0], [0, -3.0, -2.0, 4.0, 15.0], [0, 5.0, 5.0, 5.0, 5.0]],
+        dtype=torch.float64,
+    )
+    assert torch.autograd.gradcheck(
+        lambda t: roi_align(t, rois, (4, 3), 0.75, sampling_ratio, aligned), (x,), fast_mode=False
+    )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_reduced_precision_backward(dtype, layout, threads):
+    x64 = make_input(torch.float64, layout, True)
+    rois = make_rois()
+    g = torch.randn(rois.shape[0], C, *POOLED, dtype=torch.float64)
+    xr = x64.to(dtype).requires_grad_()
+    roi_align(xr, rois, POOLED, SCALE, 2, True).backward(g.to(dtype))
+    x_ref = x64.to(dtype).double().requires_grad_()
+    roi_align(x_ref, rois.double(), POOLED, SCALE, 2, True).backward(g.to(dtype).double())
+    assert xr.grad.dtype == dtype
+    assert xr.grad.is_contiguous(memory_format=expected_format(layout))
+    torch.testing.assert_close(xr.grad.double(), x_ref.grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backward_is_deterministic_across_threads(layout):
+    x = make_input(torch.float32, layout, True).requires_grad_()
+    # Many overlapping boxes: every pixel receives gradient from several ROIs.
+    rois = torch.cat([make_rois(K=60, seed=s) for s in range(4)])
+    g = torch.randn(rois.shape[0], C, *POOLED)
+    grads = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            x.grad = None
+            roi_align(x, rois, POOLED, SCALE, 0, True).backward(g)
+            grads.append(x.grad.clone())
+    finally:
+        torch.set_num_threads(before)
+    for other in grads[1:]:
+        assert torch.equal(grads[0], other)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_empty_inputs(layout):
+    x = make_input(torch.float32, layout, True).requires_grad_()
+    out = roi_align(x, torch.zeros(0, 5), POOLED, SCALE, 2, True)
+    assert out.shape == (0, C, *POOLED)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    # No channels, and a zero-sized output grid.
+    assert roi_align(x[:, :0], make_rois(), POOLED, SCALE, 2, True).shape == (22, 0, *POOLED)
+    assert OP(x.detach(), make_rois(), SCALE, 0, 4, 2, True).shape == (22, C, 0, 4)
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_finite_boxes_give_zeros(layout, sampling_ratio):
+    """torchvision gives zeros with adaptive sampling and reads out of bounds (crashes) with a
+    fixed ratio; we give zeros in both cases, and no gradient."""
+    x = make_input(torch.float32, layout, True).requires_grad_()
+    nan, inf = float("nan"), float("inf")
+    rois = torch.tensor([[0, nan, 1, 3, 3], [1, 1, 1, nan, 3], [0, 0, 0, inf, 3], [1, -inf, 0, 2, 2], [0, 1, 1, 8, 8]])
+    out = roi_align(x, rois, POOLED, SCALE, sampling_ratio, True)
+    assert torch.equal(out[:4], torch.zeros_like(out[:4]))
+    assert out[4].abs().sum() > 0
+    out[:4].sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_large_adaptive_box_matches_reference():
+    x = make_input(torch.float32, "nchw", True)
+    rois = torch.tensor([[0, -500.0, -400.0, 900.0, 700.0]])
+    out = roi_align(x, rois, (2, 2), SCALE, 0, True)
+    torch.testing.assert_close(out.double(), ref_roi_align(x, rois, SCALE, 2, 2, 0, True), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = make_input(torch.float32, "nchw", True)
+    rois = make_rois()
+    with pytest.raises(RuntimeError, match="input must be a 4-D tensor"):
+        OP(x[0], rois, SCALE, 2, 2, 2, True)
+    with pytest.raises(RuntimeError, match=r"rois must have shape \[K, 5\]"):
+        OP(x, rois[:, :4], SCALE, 2, 2, 2, True)
+    with pytest.raises(RuntimeError, match=r"rois must have shape \[K, 5\]"):
+        OP(x, rois[0], SCALE, 2, 2, 2, True)
+    with pytest.raises(RuntimeError, match="rois must have the dtype of input"):
+        OP(x, rois.double(), SCALE, 2, 2, 2, True)
+    with pytest.raises(RuntimeError, match="rois must have the dtype of input or float32"):
+        OP(x.bfloat16(), rois.double(), SCALE, 2, 2, 2, True)
+    with pytest.raises(RuntimeError, match="input must be float32, float64, bfloat16 or float16"):
+        OP(x.int(), rois.int(), SCALE, 2, 2, 2, True)
+    with pytest.raises(RuntimeError, match="output size .* must be non-negative"):
+        OP(x, rois, SCALE, -1, 2, 2, True)
+    bad_batch = rois.clone()
+    bad_batch[3, 0] = N
+    with pytest.raises(RuntimeError, match=r"rois\[:, 0\] must hold batch indices in \[0, 2\)"):
+        OP(x, bad_batch, SCALE, 2, 2, 2, True)
+    bad_batch[3, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="batch indices"):
+        OP(x, bad_batch, SCALE, 2, 2, 2, True)
+    g = torch.zeros(rois.shape[0], C, 2, 2)
+    with pytest.raises(RuntimeError, match="grad must have shape"):
+        BWD(g, rois, SCALE, 2, 3, N, C, H, W, 2, True)
+    with pytest.raises(RuntimeError, match="must be non-negative"):
+        BWD(g, rois, SCALE, 2, 2, N, C, -H, W, 2, True)
+
+
+@pytest.mark.parametrize(
+    "dtype,rois_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
+)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck(layout, dtype, rois_dtype):
+    x = make_input(dtype, layout, True).requires_grad_(dtype != torch.bfloat16)
+    rois = make_rois(K=5, dtype=rois_dtype)
+    torch.library.opcheck(OP, (x, rois, SCALE, 3, 4, 2, True))
+    g = torch.randn(rois.shape[0], C, 3, 4, dtype=torch.float64).to(dtype)
+    if layout == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(BWD, (g, rois, SCALE, 3, 4, N, C, H, W, 2, True))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (2, 1, 4, 4), (1, 4, 1, 5)])
+def test_fake_kernel_strides_match_for_ambiguous_layouts(shape):
+    """Shapes whose strides fit both layouts: the fake kernel must agree with the real one."""
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(shape).contiguous(memory_format=fmt)
+        rois = make_rois(K=3)
+        rois[:, 0] = 0
+        torch.library.opcheck(OP, (x, rois, SCALE, 2, 2, 2, True), test_utils="test_faketensor")
+
+
+class TestAutocast:
+    def test_bf16_input_stays_bf16_with_fp32_rois(self):
+        x = make_input(torch.bfloat16, "channels_last", True)
+        rois = make_rois(dtype=torch.bfloat16)
+        seen = []
+
+        class Log(torch.utils._python_dispatch.TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                seen.append((str(func), [a.dtype for a in tensors], [tuple(a.shape) for a in tensors]))
+                return func(*args, **(kwargs or {}))
+
+        with torch.autocast("cpu", dtype=torch.bfloat16), Log():
+            out = roi_align(x, rois, POOLED, SCALE, 2, True)
+        assert out.dtype == torch.bfloat16
+        calls = [s[:2] for s in seen if "roi_align" in s[0]]
+        assert calls == [("torchvision.roi_align.default", [torch.bfloat16, torch.float32])]
+        # The feature map is never copied (torchvision's rule casts it to fp32 and back).
+        assert not any("_to_copy" in f and shapes == [tuple(x.shape)] for f, _, shapes in seen)
+        expected = OP(x, rois.float(), SCALE, *POOLED, 2, True)
+        assert torch.equal(out, expected)
+
+    def test_fp32_input_stays_fp32(self):
+        x = make_input(torch.float32, "nchw", True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = roi_align(x, make_rois(), POOLED, SCALE, 2, True)
+        assert out.dtype == torch.float32
+        assert torch.equal(out, roi_align(x, make_rois(), POOLED, SCALE, 2, True))
+
+    def test_autocast_backward(self):
+        x = make_input(torch.bfloat16, "channels_last", True).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = roi_align(x, make_rois(), POOLED, SCALE, 2, True)
+        out.float().sum().backward()
+        assert x.grad.dtype == torch.bfloat16
+
+    def test_under_torch_compile(self):
+        x = make_input(torch.bfloat16, "channels_last", True)
+        rois = make_rois()
+
+        def f(x, rois):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return roi_align(x, rois, POOLED, SCALE, 2, True) * 2
+
+        out = torch.compile(f, backend="aot_eager", fullgraph=True)(x, rois)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, f(x, rois))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_torch_compile_inductor(layout):
+    x = make_input(torch.float32, layout, True).requires_grad_()
+    rois = make_rois()
+
+    def f(x, rois):
+        return (roi_align(x, rois, POOLED, SCALE, 2, True) + 1).sum(dim=1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(x, rois)
+    torch.testing.assert_close(out, f(x, rois))
+    out.sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    f(x, rois).sum().backward()
+    torch.testing.assert_close(g, x.grad)
+
+
+def test_multiscale_roi_align_module():
+    """torchvision's detection pooler (used by its detection models) runs on our kernel."""
+    pooler = torchvision.ops.MultiScaleRoIAlign(["p2", "p3"], 7, 2)
+    feats = {"p2": torch.randn(1, 8, 64, 64), "p3": torch.randn(1, 8, 32, 32)}
+    boxes = [torch.tensor([[0.0, 0.0, 40.0, 40.0], [10.0, 20.0, 250.0, 200.0]])]
+    out = pooler(feats, boxes, [(256, 256)])
+    assert out.shape == (2, 8, 7, 7)
+    out_bf16 = pooler({k: v.bfloat16() for k, v in feats.items()}, boxes, [(256, 256)])
+    torch.testing.assert_close(out_bf16.float(), out, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,42 @@
+"""Fast CPU kernels for torchvision's detection ops.
+
+`import torchvision_cpu_ext` puts vectorized, parallel kernels (NCHW and channels_last, fp32,
+bf16, fp16) behind torchvision.ops.* and everything built on it. `disable()` / `enable()` switch
+back and forth in one process; TORCHVISION_CPU_EXT_OVERRIDE=0 imports without overriding.
+"""
+
+from __future__ import annotations
+
+
+
+from . import _loader, _registry
+from ._info import info
+
+_LOADED = _loader.load()
+_registry.setup()
+if _registry.mode() == _registry.MODE_FALLBACK or _registry.env_wants_override():
+    # In fallback mode torchvision has no kernels of its own: ours are the only ones.
+    _registry.enable()
+
+
+def enable() -> None:
+    """Route torchvision's CPU ops to this package's kernels (the default after import)."""
+    _registry.enable()
+
+
+def disable() -> None:
+    """Give torchvision's own CPU kernels, fake kernels and autocast rules back."""
+    _registry.disable()
+
+
+def is_enabled() -> bool:
+    """Whether torchvision's CPU ops currently run on this package's kernels."""
+    return _registry.is_enabled()
+
+
+def loaded_library() -> _loader.Loaded:
+    """The kernel library of this process: its ISA variant, path and how it was obtained."""
+    return _LOADED
+
+
+__all__ = ["disable", "enable", "info", "is_enabled", "loaded_library"]

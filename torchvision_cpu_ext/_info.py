@@ -1,0 +1,79 @@
+"""What runs where: `torchvision_cpu_ext.info()`, or `python -m torchvision_cpu_ext.info`."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import torch
+
+# The file string override.cpp gives every kernel it registers (see csrc/cpu/override.h).
+OUR_MARKER = "torchvision_cpu_ext/csrc/cpu/override.cpp"
+
+
+def cpu_kernel_owner(op: str) -> str:
+    """Who provides the CPU kernel of torchvision::<op>, read from the dispatcher itself."""
+    try:
+        dump = torch._C._dispatch_dump(f"torchvision::{op}")
+    except RuntimeError:
+        return "missing"
+    for line in dump.splitlines():
+        if line.startswith("CPU:"):
+            if OUR_MARKER in line:
+                return "torchvision_cpu_ext"
+            if "torchvision_cpu_ext" in line:
+                return "not implemented"
+            return "torchvision"
+    return "missing"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def info() -> dict[str, Any]:
+    """Versions, the ISA variant loaded, threads, mode and, per op, whose CPU kernel is active."""
+    import torchvision
+
+    from . import _registry, loaded_library
+
+    lib = loaded_library()
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cpu": _cpu_model(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_variant": lib.isa,
+        "library": lib.path,
+        "library_source": lib.how,
+        "threads": torch.get_num_threads(),
+        "mode": _registry.mode(),
+        "enabled": _registry.is_enabled(),
+        "ops": {op: cpu_kernel_owner(op) for op in _registry.TORCHVISION_SCHEMAS if op != "_cuda_version"},
+    }
+
+
+def format_info(d: dict[str, Any]) -> str:
+    mode = {
+        "override": "overriding torchvision's CPU kernels",
+        "fallback": "supplying ops torchvision could not load",
+    }[d["mode"]]
+    lines = [
+        f"torch {d['torch']}, torchvision {d['torchvision']}",
+        f"cpu: {d['cpu']} (ATen capability {d['aten_cpu_capability']})",
+        f"kernels: {d['isa_variant']} variant, {d['library_source']}: {d['library']}",
+        f"threads: {d['threads']}",
+        f"mode: {mode}; override {'enabled' if d['enabled'] else 'disabled'}",
+        "CPU kernel per op:",
+    ]
+    lines += [f"  {op:24s} {owner}" for op, owner in d["ops"].items()]
+    return "\n".join(lines)
+
+
