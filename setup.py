@@ -19,7 +19,6 @@ _build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_build)
 
 
-
 class PerVariantBuild(BuildExtension):
     """Each variant compiles the same sources with other flags: give each its own object dir."""
 

@@ -66,7 +66,7 @@ def make_input(dtype: torch.dtype, layout: str, contiguous: bool, seed: int = 1)
     return view
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(dtype: torch.dtype, rois_dtype: torch.dtype, aligned: bool, sampling_ratio: int) -> torch.Tensor:
     # The reference sees the input values and boxes the kernel sees (rounded to dtype).
     x = make_input(dtype, "nchw", True).double()
@@ -245,7 +245,8 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @pytest.mark.parametrize(
-    "dtype,rois_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
+    "dtype,rois_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)],
 )
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_opcheck(layout, dtype, rois_dtype):

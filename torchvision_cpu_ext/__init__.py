@@ -7,8 +7,6 @@ back and forth in one process; TORCHVISION_CPU_EXT_OVERRIDE=0 imports without ov
 
 from __future__ import annotations
 
-
-
 from . import _loader, _registry
 from ._info import info
 

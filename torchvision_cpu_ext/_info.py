@@ -75,5 +75,3 @@ def format_info(d: dict[str, Any]) -> str:
     ]
     lines += [f"  {op:24s} {owner}" for op, owner in d["ops"].items()]
     return "\n".join(lines)
-
-

@@ -14,7 +14,9 @@ def check_roi_dtypes(op: str, input: torch.Tensor, rois: torch.Tensor) -> None:
     ok = rois.dtype == input.dtype or (input.dtype in _REDUCED and rois.dtype == torch.float32)
     torch._check(
         ok,
-        lambda: f"{op}: rois must have the dtype of input"
-        + (" or float32" if input.dtype in _REDUCED else "")
-        + f", got input {input.dtype} and rois {rois.dtype}",
+        lambda: (
+            f"{op}: rois must have the dtype of input"
+            + (" or float32" if input.dtype in _REDUCED else "")
+            + f", got input {input.dtype} and rois {rois.dtype}"
+        ),
     )
