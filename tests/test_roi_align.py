@@ -328,9 +328,13 @@ def test_torch_compile_inductor(layout):
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
-    out = compiled(x, rois)
-    torch.testing.assert_close(out, f(x, rois))
-    out.sum().backward()
+    # Inductor's own vectorized C++ (not ours) corrupts the heap on this AMX machine with its
+    # default ISA pick, and does not compile under ATEN_CPU_CAPABILITY=default (torch 2.14.1,
+    # reproducible without this package); scalar codegen keeps this test about our op.
+    with torch._inductor.config.patch({"cpp.simdlen": 1}):
+        out = compiled(x, rois)
+        torch.testing.assert_close(out, f(x, rois))
+        out.sum().backward()
     g = x.grad.clone()
     x.grad = None
     f(x, rois).sum().backward()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -198,9 +199,13 @@ def is_enabled() -> bool:
 def enable() -> None:
     if is_enabled():
         return
-    torch.ops.torchvision_cpu_ext._set_cpu_override(True)
-    lib = torch.library.Library("torchvision", "IMPL")
-    _ops.register_all(lib)
+    # Replacing torchvision's kernels is this package's purpose, so the dispatcher's warning
+    # about it is filtered here, for these registrations only.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        torch.ops.torchvision_cpu_ext._set_cpu_override(True)
+        lib = torch.library.Library("torchvision", "IMPL")
+        _ops.register_all(lib)
     _state["py_lib"] = lib
 
 

@@ -1,0 +1,141 @@
+"""The package around the kernels: loading, the override switch, info(), the fallback mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import NATIVE
+from torchvision.ops import roi_align
+
+import torchvision_cpu_ext
+from torchvision_cpu_ext import _build
+from torchvision_cpu_ext._info import cpu_kernel_owner
+
+ROOT = Path(__file__).resolve().parent.parent
+OURS = ["roi_align", "_roi_align_backward"]
+
+
+def run_python(code: str, **env: str) -> str:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_our_kernels_are_dispatched():
+    assert torchvision_cpu_ext.is_enabled()
+    for op in OURS:
+        assert cpu_kernel_owner(op) == "torchvision_cpu_ext"
+    # torchvision's own CPU roi_align has no bfloat16 kernel: this runs only on ours.
+    out = roi_align(torch.randn(1, 3, 8, 8).bfloat16(), torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]]), 2)
+    assert out.dtype == torch.bfloat16
+
+
+def test_variant_matches_aten_capability():
+    lib = torchvision_cpu_ext.loaded_library()
+    cap = torch.backends.cpu.get_cpu_capability()
+    assert lib.isa == (cap if cap in _build.ISA_FLAGS else "DEFAULT")
+    # What the library itself was compiled for, not what the loader meant to load.
+    assert torch.ops.torchvision_cpu_ext._capability() == lib.isa
+    assert _build.library_name(lib.isa, torch.__version__) in Path(lib.path).name
+
+
+@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
+def test_disable_gives_torchvision_kernels_back():
+    x = torch.randn(1, 3, 8, 8)
+    rois = torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]])
+    torchvision_cpu_ext.disable()
+    try:
+        assert not torchvision_cpu_ext.is_enabled()
+        for op in OURS:
+            assert cpu_kernel_owner(op) == "torchvision"
+        with pytest.raises(RuntimeError, match="BFloat16"):
+            roi_align(x.bfloat16(), rois.bfloat16(), 2)
+        # torchvision's fake kernel is back too: it rejects fp32 rois with bf16 input.
+        with pytest.raises(RuntimeError, match="same type"):
+            torch.ops.torchvision.roi_align(x.bfloat16().to("meta"), rois.to("meta"), 1.0, 2, 2, 2, True)
+        torchvision_cpu_ext.disable()  # idempotent
+    finally:
+        torchvision_cpu_ext.enable()
+    torchvision_cpu_ext.enable()  # idempotent
+    assert all(cpu_kernel_owner(op) == "torchvision_cpu_ext" for op in OURS)
+    assert roi_align(x.bfloat16(), rois, 2).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(NATIVE, reason="only without torchvision's compiled ops")
+def test_fallback_mode_supplies_torchvision_ops():
+    from torchvision_cpu_ext import _registry
+
+    assert _registry.mode() == _registry.MODE_FALLBACK
+    # torchvision's Python side believes its ops loaded, so it calls them (and registered its
+    # autograd for them) instead of its slow pure-Python path.
+    assert torchvision.extension._has_ops()
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    roi_align(x, torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]]), 2, aligned=True).sum().backward()
+    assert x.grad.abs().sum() > 0
+    with pytest.raises(NotImplementedError, match="nms"):
+        torchvision.ops.nms(torch.rand(4, 4), torch.rand(4), 0.5)
+    with pytest.raises(RuntimeError, match="no torchvision kernels to give back"):
+        torchvision_cpu_ext.disable()
+    assert cpu_kernel_owner("nms") == "not implemented"
+
+
+def test_env_var_imports_without_override():
+    out = run_python(
+        "import torchvision_cpu_ext as t; from torchvision_cpu_ext._info import cpu_kernel_owner as o;"
+        "print(t.is_enabled(), o('roi_align'))",
+        TORCHVISION_CPU_EXT_OVERRIDE="0",
+    )
+    # Without torchvision's compiled ops, ours are the only kernels there are.
+    assert out.split() == (["False", "torchvision"] if NATIVE else ["True", "torchvision_cpu_ext"])
+
+
+def test_info_command():
+    out = run_python("import runpy; runpy.run_module('torchvision_cpu_ext.info', run_name='__main__')")
+    assert f"torch {torch.__version__}" in out
+    assert "roi_align" in out and "torchvision_cpu_ext" in out
+    d = torchvision_cpu_ext.info()
+    assert d["ops"]["roi_align"] == "torchvision_cpu_ext"
+    assert d["threads"] == torch.get_num_threads()
+    assert d["isa_variant"] == torchvision_cpu_ext.loaded_library().isa
+
+
+def test_detection_model_runs_on_our_roi_align():
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    model = fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=5, min_size=128, max_size=160
+    ).eval()
+    images = [torch.rand(3, 120, 150)]
+    if not NATIVE:
+        # nms is not implemented in this package yet (issue 4), and torchvision has none here.
+        with pytest.raises(NotImplementedError, match="nms"), torch.no_grad():
+            model(images)
+        return
+    calls = []
+
+    class Count(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "roi_align" in str(func):
+                calls.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        ours = model(images)
+    assert calls, "the model did not call torchvision::roi_align"
+    torchvision_cpu_ext.disable()
+    try:
+        with torch.no_grad():
+            theirs = model(images)
+    finally:
+        torchvision_cpu_ext.enable()
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-4, atol=1e-3)
+        assert torch.equal(a["labels"], b["labels"])
