@@ -350,3 +350,28 @@ def test_multiscale_roi_align_module():
     assert out.shape == (2, 8, 7, 7)
     out_bf16 = pooler({k: v.bfloat16() for k, v in feats.items()}, boxes, [(256, 256)])
     torch.testing.assert_close(out_bf16.float(), out, rtol=2e-2, atol=2e-2)
+
+
+# NCHW takes one of two paths (roi_align_kernel.cpp, use_blocked_nchw): channel blocks
+# transposed to pixel-major when the ROIs read more than half the map's pixels, direct per-plane
+# loops otherwise. These shapes land on each side of that line.
+NCHW_PATHS = {"blocked": (2, 3, 9, 10, 12), "direct": (2, 3, 40, 50, 2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", NCHW_PATHS)
+def test_nchw_paths_match_reference(path, dtype, threads):
+    n, c, h, w, k = NCHW_PATHS[path]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    rois = torch.tensor([[i % n, 2.0 + i, 1.0 + 2 * i, 12.0 + 3 * i, 15.0 + i] for i in range(k)])
+    out = roi_align(x, rois, (3, 4), 0.5, 2, True)
+    torch.testing.assert_close(out.double(), ref_roi_align(x.double(), rois, 0.5, 3, 4, 2, True), **TOL[dtype])
+
+
+@pytest.mark.parametrize("path", NCHW_PATHS)
+def test_nchw_paths_gradcheck(path):
+    n, c, h, w, k = NCHW_PATHS[path]
+    x = torch.rand(n, c, h, w, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[i % n, 2.0 + i, 1.0 + 2 * i, 12.0 + 3 * i, 15.0 + i] for i in range(k)], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: roi_align(t, rois, (3, 4), 0.5, 2, True), (x,))

@@ -47,6 +47,65 @@ inline void for_channel_groups(int64_t c0, int64_t c1, const F& f) {
   }
 }
 
+// The sum of bin (ph, pw) of one ROI over NV vectors of channels starting at `px0`, in a
+// pixel-major image whose pixels are `pstride` elements apart (see NOTE [ separable bilinear
+// sampling ]): sum_r wy[r] * sum_c wx[c] * X[r, c].
+template <typename scalar_t, int NV>
+inline void bin_sum(
+    const scalar_t* px0,
+    int64_t W,
+    int64_t pstride,
+    const RoiSampling<opmath_t<scalar_t>>& s,
+    int64_t ph,
+    int64_t pw,
+    int64_t n_last,
+    OpVec<scalar_t> (&acc)[NV]) {
+  using Vec = OpVec<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  for (int v = 0; v < NV; ++v) acc[v] = Vec(acc_t(0));
+  for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
+    const scalar_t* row = px0 + s.y.idx[ky] * W * pstride;
+    Vec racc[NV];
+    for (int v = 0; v < NV; ++v) racc[v] = Vec(acc_t(0));
+    for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
+      const scalar_t* px = row + s.x.idx[kx] * pstride;
+      const Vec wx(s.x.w[kx]);
+      for (int v = 0; v < NV; ++v) {
+        racc[v] = at::vec::fmadd(wx, load_opmath(px + v * V, v == NV - 1 ? n_last : V), racc[v]);
+      }
+    }
+    const Vec wy(s.y.w[ky]);
+    for (int v = 0; v < NV; ++v) acc[v] = at::vec::fmadd(wy, racc[v], acc[v]);
+  }
+}
+
+// The transpose of bin_sum: adds w * g into every pixel the bin reads.
+template <typename scalar_t, int NV>
+inline void bin_scatter(
+    opmath_t<scalar_t>* px0,
+    int64_t W,
+    int64_t pstride,
+    const RoiSampling<opmath_t<scalar_t>>& s,
+    int64_t ph,
+    int64_t pw,
+    int64_t n_last,
+    const OpVec<scalar_t> (&g)[NV]) {
+  using Vec = OpVec<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
+    auto* row = px0 + s.y.idx[ky] * W * pstride;
+    for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
+      auto* px = row + s.x.idx[kx] * pstride;
+      const Vec w(s.y.w[ky] * s.x.w[kx]);
+      for (int v = 0; v < NV; ++v) {
+        const int64_t n = v == NV - 1 ? n_last : V;
+        at::vec::fmadd(w, g[v], Vec::loadu(px + v * V, n)).store(px + v * V, static_cast<int>(n));
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 void forward_channels_last(
     const at::Tensor& input,  // [N, C, H, W], channels_last contiguous
@@ -80,63 +139,11 @@ void forward_channels_last(
           for_channel_groups<scalar_t>(0, C, [&](auto nv, int64_t c, int64_t n_last) {
             constexpr int NV = decltype(nv)::value;
             Vec acc[NV];
-            for (int v = 0; v < NV; ++v) acc[v] = Vec(acc_t(0));
-            for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
-              const scalar_t* row = img + s.y.idx[ky] * W * C + c;
-              Vec racc[NV];
-              for (int v = 0; v < NV; ++v) racc[v] = Vec(acc_t(0));
-              for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
-                const scalar_t* px = row + s.x.idx[kx] * C;
-                const Vec wx(s.x.w[kx]);
-                for (int v = 0; v < NV; ++v) {
-                  racc[v] = at::vec::fmadd(wx, load_opmath(px + v * V, v == NV - 1 ? n_last : V), racc[v]);
-                }
-              }
-              const Vec wy(s.y.w[ky]);
-              for (int v = 0; v < NV; ++v) acc[v] = at::vec::fmadd(wy, racc[v], acc[v]);
-            }
+            bin_sum<scalar_t, NV>(img + c, W, C, s, ph, pw, n_last, acc);
             for (int v = 0; v < NV; ++v) {
               store_opmath(dst + c + v * V, acc[v] / count, v == NV - 1 ? n_last : V);
             }
           });
-        }
-      }
-    }
-  });
-}
-
-template <typename scalar_t>
-void forward_nchw(
-    const at::Tensor& input,  // [N, C, H, W], contiguous
-    const std::vector<RoiSampling<opmath_t<scalar_t>>>& S,
-    at::Tensor& output,  // [K, C, PH, PW], contiguous
-    int64_t PH,
-    int64_t PW) {
-  using acc_t = opmath_t<scalar_t>;
-  const int64_t C = input.size(1), H = input.size(2), W = input.size(3);
-  const int64_t K = static_cast<int64_t>(S.size());
-  const scalar_t* in = input.const_data_ptr<scalar_t>();
-  scalar_t* out = output.data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, PH * PW * 9));
-  // Channel-major over (channel, ROI): see NOTE [ roi_align layouts ].
-  at::parallel_for(0, C * K, grain, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t c = i / K, k = i % K;
-      const RoiSampling<acc_t>& s = S[k];
-      const scalar_t* plane = in + (s.batch * C + c) * H * W;
-      scalar_t* dst = out + (k * C + c) * PH * PW;
-      for (int64_t ph = 0; ph < PH; ++ph) {
-        for (int64_t pw = 0; pw < PW; ++pw) {
-          acc_t acc = 0;
-          for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
-            const scalar_t* row = plane + s.y.idx[ky] * W;
-            acc_t racc = 0;
-            for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
-              racc += s.x.w[kx] * static_cast<acc_t>(row[s.x.idx[kx]]);
-            }
-            acc += s.y.w[ky] * racc;
-          }
-          dst[ph * PW + pw] = static_cast<scalar_t>(acc / s.count);
         }
       }
     }
@@ -174,17 +181,7 @@ void backward_channels_last(
             for (int v = 0; v < NV; ++v) {
               gv[v] = load_opmath(src + c + v * V, v == NV - 1 ? n_last : V) / count;
             }
-            for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
-              acc_t* row = img + s.y.idx[ky] * W * C + c;
-              for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
-                acc_t* px = row + s.x.idx[kx] * C;
-                const Vec w(s.y.w[ky] * s.x.w[kx]);
-                for (int v = 0; v < NV; ++v) {
-                  const int64_t n = v == NV - 1 ? n_last : V;
-                  at::vec::fmadd(w, gv[v], Vec::loadu(px + v * V, n)).store(px + v * V, static_cast<int>(n));
-                }
-              }
-            }
+            bin_scatter<scalar_t, NV>(img + c, W, C, s, ph, pw, n_last, gv);
           });
         }
       }
@@ -192,8 +189,185 @@ void backward_channels_last(
   });
 }
 
+// NCHW runs on blocks of V channels of one image at a time: the block is transposed into a
+// pixel-major scratch [H, W, V] (or, for the backward, accumulated there and transposed
+// back), so that the inner loops are the channels_last ones with one vector per pixel. The
+// transpose costs O(H * W) per block and pays off once the image's ROIs read more than that;
+// for a few ROIs the direct per-plane loops are cheaper (see use_blocked_nchw).
+template <typename acc_t>
+bool use_blocked_nchw(const std::vector<RoiSampling<acc_t>>& S, int64_t N, int64_t H, int64_t W, int64_t PH, int64_t PW) {
+  int64_t taps = 0;
+  for (const auto& s : S) {
+    taps += PH * PW * s.y.n * s.x.n;
+  }
+  return taps >= N * H * W / 2;
+}
+
+// ROI indices per image, in ROI order (the order every accumulation follows).
+template <typename acc_t>
+std::vector<std::vector<int64_t>> rois_per_image(const std::vector<RoiSampling<acc_t>>& S, int64_t N) {
+  std::vector<std::vector<int64_t>> out(N);
+  for (int64_t k = 0; k < static_cast<int64_t>(S.size()); ++k) {
+    out[S[k].batch].push_back(k);
+  }
+  return out;
+}
+
+// Tiled so that the pixel-major side of the transpose stays in L1.
+template <typename T, typename U>
+inline void planes_to_pixels(const T* planes, int64_t HW, int64_t nc, int64_t V, U* pixels) {
+  constexpr int64_t kTile = 64;
+  for (int64_t p0 = 0; p0 < HW; p0 += kTile) {
+    const int64_t p1 = std::min(HW, p0 + kTile);
+    for (int64_t c = 0; c < nc; ++c) {
+      const T* src = planes + c * HW;
+      for (int64_t p = p0; p < p1; ++p) {
+        pixels[p * V + c] = src[p];
+      }
+    }
+  }
+}
+
+template <typename T>
+inline void pixels_to_planes(const T* pixels, int64_t HW, int64_t nc, int64_t V, T* planes) {
+  constexpr int64_t kTile = 64;
+  for (int64_t p0 = 0; p0 < HW; p0 += kTile) {
+    const int64_t p1 = std::min(HW, p0 + kTile);
+    for (int64_t c = 0; c < nc; ++c) {
+      T* dst = planes + c * HW;
+      for (int64_t p = p0; p < p1; ++p) {
+        dst[p] = pixels[p * V + c];
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
-void backward_nchw(
+void forward_nchw_blocked(
+    const at::Tensor& input,  // [N, C, H, W], contiguous
+    const std::vector<RoiSampling<opmath_t<scalar_t>>>& S,
+    at::Tensor& output,  // [K, C, PH, PW], contiguous
+    int64_t PH,
+    int64_t PW) {
+  using Vec = OpVec<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* out = output.data_ptr<scalar_t>();
+  const auto per_image = rois_per_image(S, N);
+  const int64_t blocks = (C + V - 1) / V;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
+    // Lanes past the last channel stay zero; they are computed and never stored.
+    std::vector<scalar_t> pixels(H * W * V, scalar_t(0));
+    scalar_t lanes[V];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / blocks, c0 = (t % blocks) * V, nc = std::min(V, C - c0);
+      if (per_image[b].empty()) {
+        continue;
+      }
+      planes_to_pixels(in + (b * C + c0) * H * W, H * W, nc, V, pixels.data());
+      for (const int64_t k : per_image[b]) {
+        const auto& s = S[k];
+        const Vec count(s.count);
+        scalar_t* dst = out + (k * C + c0) * PH * PW;
+        for (int64_t ph = 0; ph < PH; ++ph) {
+          for (int64_t pw = 0; pw < PW; ++pw) {
+            Vec acc[1];
+            bin_sum<scalar_t, 1>(pixels.data(), W, V, s, ph, pw, V, acc);
+            store_opmath(lanes, acc[0] / count, V);
+            for (int64_t c = 0; c < nc; ++c) {
+              dst[c * PH * PW + ph * PW + pw] = lanes[c];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_nchw_blocked(
+    const at::Tensor& grad,  // [K, C, PH, PW], contiguous
+    const std::vector<RoiSampling<opmath_t<scalar_t>>>& S,
+    at::Tensor& grad_in_acc,  // [N, C, H, W], contiguous, opmath dtype, zeroed
+    int64_t PH,
+    int64_t PW) {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = OpVec<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t N = grad_in_acc.size(0), C = grad_in_acc.size(1), H = grad_in_acc.size(2), W = grad_in_acc.size(3);
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  acc_t* gi = grad_in_acc.data_ptr<acc_t>();
+  const auto per_image = rois_per_image(S, N);
+  const int64_t blocks = (C + V - 1) / V;
+  // Threads own (image, channel block) pairs: see NOTE [ roi_align layouts ].
+  at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> pixels(H * W * V);
+    acc_t lanes[V];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / blocks, c0 = (t % blocks) * V, nc = std::min(V, C - c0);
+      if (per_image[b].empty()) {
+        continue;
+      }
+      std::fill(pixels.begin(), pixels.end(), acc_t(0));
+      for (const int64_t k : per_image[b]) {
+        const auto& s = S[k];
+        const scalar_t* src = g + (k * C + c0) * PH * PW;
+        for (int64_t ph = 0; ph < PH; ++ph) {
+          for (int64_t pw = 0; pw < PW; ++pw) {
+            for (int64_t c = 0; c < V; ++c) {
+              lanes[c] = c < nc ? static_cast<acc_t>(src[c * PH * PW + ph * PW + pw]) / s.count : acc_t(0);
+            }
+            const Vec gv[1] = {Vec::loadu(lanes)};
+            bin_scatter<scalar_t, 1>(pixels.data(), W, V, s, ph, pw, V, gv);
+          }
+        }
+      }
+      pixels_to_planes(pixels.data(), H * W, nc, V, gi + (b * C + c0) * H * W);
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_nchw_direct(
+    const at::Tensor& input,  // [N, C, H, W], contiguous
+    const std::vector<RoiSampling<opmath_t<scalar_t>>>& S,
+    at::Tensor& output,  // [K, C, PH, PW], contiguous
+    int64_t PH,
+    int64_t PW) {
+  using acc_t = opmath_t<scalar_t>;
+  const int64_t C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t K = static_cast<int64_t>(S.size());
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* out = output.data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, PH * PW * 9));
+  // Channel-major over (channel, ROI), so a plane stays in cache for all its ROIs.
+  at::parallel_for(0, C * K, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t c = i / K, k = i % K;
+      const RoiSampling<acc_t>& s = S[k];
+      const scalar_t* plane = in + (s.batch * C + c) * H * W;
+      scalar_t* dst = out + (k * C + c) * PH * PW;
+      for (int64_t ph = 0; ph < PH; ++ph) {
+        for (int64_t pw = 0; pw < PW; ++pw) {
+          acc_t acc = 0;
+          for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
+            const scalar_t* row = plane + s.y.idx[ky] * W;
+            acc_t racc = 0;
+            for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
+              racc += s.x.w[kx] * static_cast<acc_t>(row[s.x.idx[kx]]);
+            }
+            acc += s.y.w[ky] * racc;
+          }
+          dst[ph * PW + pw] = static_cast<scalar_t>(acc / s.count);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_nchw_direct(
     const at::Tensor& grad,  // [K, C, PH, PW], contiguous
     const std::vector<RoiSampling<opmath_t<scalar_t>>>& S,
     at::Tensor& grad_in_acc,  // [N, C, H, W], contiguous, opmath dtype, zeroed
@@ -256,7 +430,11 @@ at::Tensor roi_align_forward(
       case at::MemoryFormat::Contiguous: {
         const auto S = detail::build_all_roi_sampling<acc_t>(
             r, in.size(0), in.size(2), in.size(3), spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
-        forward_nchw<scalar_t>(in, S, output, pooled_height, pooled_width);
+        if (use_blocked_nchw(S, in.size(0), in.size(2), in.size(3), pooled_height, pooled_width)) {
+          forward_nchw_blocked<scalar_t>(in, S, output, pooled_height, pooled_width);
+        } else {
+          forward_nchw_direct<scalar_t>(in, S, output, pooled_height, pooled_width);
+        }
         break;
       }
       default:
@@ -311,7 +489,11 @@ at::Tensor roi_align_backward(
         backward_channels_last<scalar_t>(g, S, grad_in, pooled_height, pooled_width);
         break;
       case at::MemoryFormat::Contiguous:
-        backward_nchw<scalar_t>(g, S, grad_in, pooled_height, pooled_width);
+        if (use_blocked_nchw(S, batch_size, height, width, pooled_height, pooled_width)) {
+          backward_nchw_blocked<scalar_t>(g, S, grad_in, pooled_height, pooled_width);
+        } else {
+          backward_nchw_direct<scalar_t>(g, S, grad_in, pooled_height, pooled_width);
+        }
         break;
       default:
         TORCH_CHECK(false, op, ": unsupported memory format ", fmt, "; expected Contiguous or ChannelsLast");
