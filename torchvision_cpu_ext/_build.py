@@ -5,6 +5,7 @@ Kept free of package imports so that setup.py can load it by path before anythin
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +59,18 @@ def cflags(isa: str) -> list[str]:
     return COMMON_FLAGS + ISA_FLAGS[isa]
 
 
+def source_hash(isa: str) -> str:
+    """A digest of everything that goes into a variant: sources, headers and flags."""
+    h = hashlib.sha256()
+    for path in sources() + headers():
+        h.update(Path(path).name.encode())
+        h.update(Path(path).read_bytes())
+    h.update(" ".join(cflags(isa) + LDFLAGS).encode())
+    return h.hexdigest()[:10]
+
+
 def library_name(isa: str, torch_version: str) -> str:
-    """A name that carries the torch version and ISA, so no cache serves a foreign build."""
+    """A name that carries the torch version, the ISA and the source digest, so that neither
+    a prebuilt library nor the JIT cache can serve a stale or foreign build."""
     tag = "".join(ch if ch.isalnum() else "_" for ch in torch_version)
-    return f"tvce_{isa.lower()}_torch{tag}"
+    return f"tvce_{isa.lower()}_torch{tag}_{source_hash(isa)}"

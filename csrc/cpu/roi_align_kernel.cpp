@@ -17,6 +17,7 @@
 //   count. channels_last owns blocks of one vector of channels (a cache line in fp32, so no
 //   false sharing); NCHW owns whole planes. bfloat16/half gradients accumulate in a float
 //   buffer and are rounded once at the end.
+#include "memory.h"
 #include "override.h"
 #include "roi_common.h"
 #include "vec_io.h"
@@ -213,9 +214,15 @@ std::vector<std::vector<int64_t>> rois_per_image(const std::vector<RoiSampling<a
   return out;
 }
 
-// Tiled so that the pixel-major side of the transpose stays in L1.
-template <typename T, typename U>
-inline void planes_to_pixels(const T* planes, int64_t HW, int64_t nc, int64_t V, U* pixels) {
+// nc planes of HW values -> HW pixels of V lanes (lanes past nc untouched). float uses
+// ATen's 16x16 register transposes; other types a loop tiled so that the pixel-major side
+// stays in L1.
+template <typename T>
+inline void planes_to_pixels(const T* planes, int64_t HW, int64_t nc, int64_t V, T* pixels) {
+  if constexpr (std::is_same_v<T, float>) {
+    at::vec::transpose_mxn<float>(planes, HW, pixels, V, static_cast<int>(nc), static_cast<int>(HW));
+    return;
+  }
   constexpr int64_t kTile = 64;
   for (int64_t p0 = 0; p0 < HW; p0 += kTile) {
     const int64_t p1 = std::min(HW, p0 + kTile);
@@ -228,8 +235,13 @@ inline void planes_to_pixels(const T* planes, int64_t HW, int64_t nc, int64_t V,
   }
 }
 
+// The inverse of planes_to_pixels.
 template <typename T>
 inline void pixels_to_planes(const T* pixels, int64_t HW, int64_t nc, int64_t V, T* planes) {
+  if constexpr (std::is_same_v<T, float>) {
+    at::vec::transpose_mxn<float>(pixels, V, planes, HW, static_cast<int>(HW), static_cast<int>(nc));
+    return;
+  }
   constexpr int64_t kTile = 64;
   for (int64_t p0 = 0; p0 < HW; p0 += kTile) {
     const int64_t p1 = std::min(HW, p0 + kTile);
@@ -419,6 +431,7 @@ at::Tensor roi_align_forward(
   if (output.numel() == 0) {
     return output;
   }
+  advise_huge_pages(output);
   const at::Tensor in = input.contiguous(fmt);
   const at::Tensor r = detail::rois_as(rois, at::toOpMathType(input.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "roi_align_forward", [&] {
@@ -474,7 +487,9 @@ at::Tensor roi_align_backward(
   const auto acc_type = at::toOpMathType(grad.scalar_type());
   // (at::zeros has no memory_format: it would silently drop it.)
   at::Tensor grad_in =
-      at::empty({batch_size, channels, height, width}, grad.options().dtype(acc_type).memory_format(fmt)).zero_();
+      at::empty({batch_size, channels, height, width}, grad.options().dtype(acc_type).memory_format(fmt));
+  advise_huge_pages(grad_in);
+  grad_in.zero_();
   if (grad.numel() == 0 || grad_in.numel() == 0) {
     return grad_in.to(grad.scalar_type());
   }
