@@ -37,7 +37,7 @@ ext_modules = [
         sources=[str(Path(s).relative_to(ROOT)) for s in _build.sources()],
         include_dirs=[str(_build.CSRC)],
         extra_compile_args=_build.cflags(isa),
-        extra_link_args=_build.LDFLAGS,
+        extra_link_args=list(_build.LDFLAGS),
         py_limited_api=False,
     )
     for isa in _build.ISA_ORDER

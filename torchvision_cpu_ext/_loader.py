@@ -84,7 +84,7 @@ def load() -> Loaded:
         name=name,
         sources=_build.sources(),
         extra_cflags=_build.cflags(isa),
-        extra_ldflags=_build.LDFLAGS,
+        extra_ldflags=list(_build.LDFLAGS),  # cpp_extension appends to the list it is given
         extra_include_paths=[str(_build.CSRC)],
         build_directory=str(build_dir),
         is_python_module=False,
