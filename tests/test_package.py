@@ -139,3 +139,29 @@ def test_detection_model_runs_on_our_roi_align():
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-4, atol=1e-3)
         assert torch.equal(a["labels"], b["labels"])
+
+
+def test_missing_toolchain_gives_actionable_errors(monkeypatch):
+    from torch.utils import cpp_extension
+
+    from torchvision_cpu_ext import _loader
+
+    def no_ninja():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "verify_ninja_availability", no_ninja)
+    with pytest.raises(RuntimeError, match="pip install ninja"):
+        _loader._check_toolchain()
+    monkeypatch.setattr(cpp_extension, "verify_ninja_availability", lambda: None)
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    with pytest.raises(RuntimeError, match="C\\+\\+17 compiler .* `no-such-compiler-xyz` was not found"):
+        _loader._check_toolchain()
+
+
+def test_library_name_tracks_sources_flags_and_versions(monkeypatch):
+    base = _build.library_name("AVX512", "2.14.1+cu130")
+    assert base.startswith("tvce_avx512_torch2_14_1_cu130_")
+    assert _build.library_name("AVX2", "2.14.1+cu130") != base
+    assert _build.library_name("AVX512", "2.13.0+cpu") != base
+    monkeypatch.setattr(_build, "COMMON_FLAGS", _build.COMMON_FLAGS + ["-DSOMETHING_ELSE"])
+    assert _build.library_name("AVX512", "2.14.1+cu130") != base

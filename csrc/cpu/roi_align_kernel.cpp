@@ -4,19 +4,22 @@
 // NOTE [ roi_align layouts ]
 // Sampling positions and weights come from roi_common.h (NOTE [ separable bilinear
 // sampling ]): per ROI, merged row taps per output row of bins and merged column taps per
-// output column of bins, shared by every channel.
-// - channels_last forward: the C values of a pixel are contiguous, so one bin is a weighted
-//   sum of whole pixel vectors. Vectorize over C; parallel over ROIs.
-// - NCHW forward: a channel plane (H*W values) is the unit that stays in cache. Loop
-//   channel-major over (channel, ROI) pairs, so all ROIs of a plane read it while it is hot
-//   (torchvision goes ROI-major and streams every plane once per ROI). Each bin is a small
-//   dot product over contiguous row segments; parallel over the (channel, ROI) pairs.
-// - Backward (both layouts) scatters into grad_input, where ROIs overlap. Partition by
-//   channel: a thread owns whole channels and visits ROIs, bins and taps in one fixed order,
-//   so there are no races, no atomics, and the result is bitwise the same for any thread
-//   count. channels_last owns blocks of one vector of channels (a cache line in fp32, so no
-//   false sharing); NCHW owns whole planes. bfloat16/half gradients accumulate in a float
-//   buffer and are rounded once at the end.
+// output column of bins, computed once and shared by every channel. Every path reduces to
+// one inner loop, bin_sum (and its transpose bin_scatter), over pixel-major data: a bin is a
+// weighted sum of whole pixel vectors, vectorized over channels.
+// - channels_last forward: pixels are already C-vectors. Parallel over ROIs.
+// - NCHW forward: when the ROIs of an image read more than half its pixels, a block of V
+//   channels of the image is transposed into a pixel-major scratch [H, W, V] (16x16 register
+//   transposes) and every ROI of that image runs bin_sum on it; parallel over (image, block).
+//   Otherwise transposing would cost more than the sampling, and direct per-plane loops run,
+//   channel-major so that a plane stays in cache for all its ROIs (torchvision goes ROI-major
+//   and streams every plane once per ROI).
+// - Backward scatters into grad_input, where ROIs overlap. Threads own disjoint parts of
+//   grad_input and visit ROIs, bins and taps in one fixed order: no races, no atomics, and
+//   the result is bitwise the same for any thread count. NCHW, and channels_last in
+//   bfloat16/half, accumulate a block of V channels of one image in a float pixel-major
+//   scratch and write it once; channels_last float/double accumulate in place, threads
+//   owning blocks of V channels (one cache line of fp32: no false sharing).
 #include "memory.h"
 #include "override.h"
 #include "roi_common.h"
@@ -151,45 +154,6 @@ void forward_channels_last(
   });
 }
 
-template <typename scalar_t>
-void backward_channels_last(
-    const at::Tensor& grad,  // [K, C, PH, PW], channels_last contiguous
-    const std::vector<RoiSampling<opmath_t<scalar_t>>>& S,
-    at::Tensor& grad_in_acc,  // [N, C, H, W], channels_last, opmath dtype, zeroed
-    int64_t PH,
-    int64_t PW) {
-  using acc_t = opmath_t<scalar_t>;
-  using Vec = OpVec<scalar_t>;
-  constexpr int64_t V = Vec::size();
-  const int64_t C = grad_in_acc.size(1), H = grad_in_acc.size(2), W = grad_in_acc.size(3);
-  const int64_t K = static_cast<int64_t>(S.size());
-  const scalar_t* g = grad.const_data_ptr<scalar_t>();
-  acc_t* gi = grad_in_acc.data_ptr<acc_t>();
-  // Threads own blocks of V channels (see NOTE [ roi_align layouts ]).
-  const int64_t blocks = (C + V - 1) / V;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t c_end = std::min(C, b1 * V);
-    for (int64_t k = 0; k < K; ++k) {
-      const RoiSampling<acc_t>& s = S[k];
-      acc_t* img = gi + s.batch * H * W * C;
-      const Vec count(s.count);
-      for (int64_t ph = 0; ph < PH; ++ph) {
-        for (int64_t pw = 0; pw < PW; ++pw) {
-          const scalar_t* src = g + ((k * PH + ph) * PW + pw) * C;
-          for_channel_groups<scalar_t>(b0 * V, c_end, [&](auto nv, int64_t c, int64_t n_last) {
-            constexpr int NV = decltype(nv)::value;
-            Vec gv[NV];
-            for (int v = 0; v < NV; ++v) {
-              gv[v] = load_opmath(src + c + v * V, v == NV - 1 ? n_last : V) / count;
-            }
-            bin_scatter<scalar_t, NV>(img + c, W, C, s, ph, pw, n_last, gv);
-          });
-        }
-      }
-    }
-  });
-}
-
 // NCHW runs on blocks of V channels of one image at a time: the block is transposed into a
 // pixel-major scratch [H, W, V] (or, for the backward, accumulated there and transposed
 // back), so that the inner loops are the channels_last ones with one vector per pixel. The
@@ -235,10 +199,10 @@ inline void planes_to_pixels(const T* planes, int64_t HW, int64_t nc, int64_t V,
   }
 }
 
-// The inverse of planes_to_pixels.
-template <typename T>
-inline void pixels_to_planes(const T* pixels, int64_t HW, int64_t nc, int64_t V, T* planes) {
-  if constexpr (std::is_same_v<T, float>) {
+// The inverse of planes_to_pixels, rounding to the planes' type.
+template <typename T, typename U>
+inline void pixels_to_planes(const T* pixels, int64_t HW, int64_t nc, int64_t V, U* planes) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<U, float>) {
     at::vec::transpose_mxn<float>(pixels, V, planes, HW, static_cast<int>(HW), static_cast<int>(nc));
     return;
   }
@@ -246,9 +210,9 @@ inline void pixels_to_planes(const T* pixels, int64_t HW, int64_t nc, int64_t V,
   for (int64_t p0 = 0; p0 < HW; p0 += kTile) {
     const int64_t p1 = std::min(HW, p0 + kTile);
     for (int64_t c = 0; c < nc; ++c) {
-      T* dst = planes + c * HW;
+      U* dst = planes + c * HW;
       for (int64_t p = p0; p < p1; ++p) {
-        dst[p] = pixels[p * V + c];
+        dst[p] = static_cast<U>(pixels[p * V + c]);
       }
     }
   }
@@ -298,49 +262,6 @@ void forward_nchw_blocked(
 }
 
 template <typename scalar_t>
-void backward_nchw_blocked(
-    const at::Tensor& grad,  // [K, C, PH, PW], contiguous
-    const std::vector<RoiSampling<opmath_t<scalar_t>>>& S,
-    at::Tensor& grad_in_acc,  // [N, C, H, W], contiguous, opmath dtype, zeroed
-    int64_t PH,
-    int64_t PW) {
-  using acc_t = opmath_t<scalar_t>;
-  using Vec = OpVec<scalar_t>;
-  constexpr int64_t V = Vec::size();
-  const int64_t N = grad_in_acc.size(0), C = grad_in_acc.size(1), H = grad_in_acc.size(2), W = grad_in_acc.size(3);
-  const scalar_t* g = grad.const_data_ptr<scalar_t>();
-  acc_t* gi = grad_in_acc.data_ptr<acc_t>();
-  const auto per_image = rois_per_image(S, N);
-  const int64_t blocks = (C + V - 1) / V;
-  // Threads own (image, channel block) pairs: see NOTE [ roi_align layouts ].
-  at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> pixels(H * W * V);
-    acc_t lanes[V];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / blocks, c0 = (t % blocks) * V, nc = std::min(V, C - c0);
-      if (per_image[b].empty()) {
-        continue;
-      }
-      std::fill(pixels.begin(), pixels.end(), acc_t(0));
-      for (const int64_t k : per_image[b]) {
-        const auto& s = S[k];
-        const scalar_t* src = g + (k * C + c0) * PH * PW;
-        for (int64_t ph = 0; ph < PH; ++ph) {
-          for (int64_t pw = 0; pw < PW; ++pw) {
-            for (int64_t c = 0; c < V; ++c) {
-              lanes[c] = c < nc ? static_cast<acc_t>(src[c * PH * PW + ph * PW + pw]) / s.count : acc_t(0);
-            }
-            const Vec gv[1] = {Vec::loadu(lanes)};
-            bin_scatter<scalar_t, 1>(pixels.data(), W, V, s, ph, pw, V, gv);
-          }
-        }
-      }
-      pixels_to_planes(pixels.data(), H * W, nc, V, gi + (b * C + c0) * H * W);
-    }
-  });
-}
-
-template <typename scalar_t>
 void forward_nchw_direct(
     const at::Tensor& input,  // [N, C, H, W], contiguous
     const std::vector<RoiSampling<opmath_t<scalar_t>>>& S,
@@ -378,41 +299,123 @@ void forward_nchw_direct(
   });
 }
 
+// channels_last backward when grad_input can accumulate in place (float/double): threads own
+// blocks of V channels of every image and add each ROI's bins into grad_input directly.
+// Writing a pixel-major block scratch back (backward_blocked) would touch every 64-byte line
+// of grad_input once per channel block; here each pixel's C values are updated together.
 template <typename scalar_t>
-void backward_nchw_direct(
-    const at::Tensor& grad,  // [K, C, PH, PW], contiguous
-    const std::vector<RoiSampling<opmath_t<scalar_t>>>& S,
-    at::Tensor& grad_in_acc,  // [N, C, H, W], contiguous, opmath dtype, zeroed
+void backward_channels_last_inplace(
+    const at::Tensor& grad,  // [K, C, PH, PW], channels_last contiguous
+    const std::vector<RoiSampling<scalar_t>>& S,
+    at::Tensor& grad_in,  // [N, C, H, W], channels_last, zeroed
     int64_t PH,
     int64_t PW) {
-  using acc_t = opmath_t<scalar_t>;
-  const int64_t C = grad_in_acc.size(1), H = grad_in_acc.size(2), W = grad_in_acc.size(3);
-  const int64_t K = static_cast<int64_t>(S.size());
+  using Vec = OpVec<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t C = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
-  acc_t* gi = grad_in_acc.data_ptr<acc_t>();
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, K * PH * PW * 9));
-  // Threads own whole channels (see NOTE [ roi_align layouts ]).
-  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t k = 0; k < K; ++k) {
-        const RoiSampling<acc_t>& s = S[k];
-        acc_t* plane = gi + (s.batch * C + c) * H * W;
-        const scalar_t* src = g + (k * C + c) * PH * PW;
-        for (int64_t ph = 0; ph < PH; ++ph) {
-          for (int64_t pw = 0; pw < PW; ++pw) {
-            const acc_t gv = static_cast<acc_t>(src[ph * PW + pw]) / s.count;
-            for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
-              acc_t* row = plane + s.y.idx[ky] * W;
-              const acc_t gy = gv * s.y.w[ky];
-              for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
-                row[s.x.idx[kx]] += gy * s.x.w[kx];
-              }
+  scalar_t* gi = grad_in.data_ptr<scalar_t>();
+  const int64_t blocks = (C + V - 1) / V;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t c_end = std::min(C, b1 * V);
+    for (int64_t k = 0; k < static_cast<int64_t>(S.size()); ++k) {
+      const auto& s = S[k];
+      scalar_t* img = gi + s.batch * H * W * C;
+      const Vec count(s.count);
+      for (int64_t ph = 0; ph < PH; ++ph) {
+        for (int64_t pw = 0; pw < PW; ++pw) {
+          const scalar_t* src = g + ((k * PH + ph) * PW + pw) * C;
+          for_channel_groups<scalar_t>(b0 * V, c_end, [&](auto nv, int64_t c, int64_t n_last) {
+            constexpr int NV = decltype(nv)::value;
+            Vec gv[NV];
+            for (int v = 0; v < NV; ++v) {
+              gv[v] = Vec::loadu(src + c + v * V, v == NV - 1 ? n_last : V) / count;
             }
-          }
+            bin_scatter<scalar_t, NV>(img + c, W, C, s, ph, pw, n_last, gv);
+          });
         }
       }
     }
   });
+}
+
+// Backward, NCHW (and channels_last in bfloat16/half): a thread owns (image, block of V channels) pairs. It accumulates
+// every bin of every ROI of that image, in ROI order, into a float pixel-major scratch
+// [H, W, V], then writes the block of grad_input once (rounded to its dtype). So grad_input
+// is written exactly once (no zero fill, no float copy of it for bfloat16/half), there are
+// no races and no atomics, and the sums do not depend on the thread count.
+template <typename scalar_t>
+void backward_blocked(
+    const at::Tensor& grad,  // [K, C, PH, PW], contiguous in `fmt`
+    const std::vector<RoiSampling<opmath_t<scalar_t>>>& S,
+    at::Tensor& grad_in,  // [N, C, H, W], `fmt`, uninitialized
+    int64_t PH,
+    int64_t PW,
+    at::MemoryFormat fmt) {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = OpVec<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t N = grad_in.size(0), C = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
+  const int64_t HW = H * W;
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  scalar_t* gi = grad_in.data_ptr<scalar_t>();
+  const auto per_image = rois_per_image(S, N);
+  const int64_t blocks = (C + V - 1) / V;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> pixels(HW * V);
+    acc_t lanes[V];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / blocks, c0 = (t % blocks) * V, nc = std::min(V, C - c0);
+      std::fill(pixels.begin(), pixels.end(), acc_t(0));
+      for (const int64_t k : per_image[b]) {
+        const auto& s = S[k];
+        const Vec count(s.count);
+        for (int64_t ph = 0; ph < PH; ++ph) {
+          for (int64_t pw = 0; pw < PW; ++pw) {
+            Vec gv[1];
+            if (cl) {
+              gv[0] = load_opmath(g + ((k * PH + ph) * PW + pw) * C + c0, nc);
+            } else {
+              const scalar_t* src = g + ((k * C + c0) * PH + ph) * PW + pw;
+              for (int64_t c = 0; c < V; ++c) {
+                lanes[c] = c < nc ? static_cast<acc_t>(src[c * PH * PW]) : acc_t(0);
+              }
+              gv[0] = Vec::loadu(lanes);
+            }
+            gv[0] = gv[0] / count;
+            bin_scatter<scalar_t, 1>(pixels.data(), W, V, s, ph, pw, V, gv);
+          }
+        }
+      }
+      if (cl) {
+        scalar_t* dst = gi + b * HW * C + c0;
+        for (int64_t p = 0; p < HW; ++p) {
+          store_opmath(dst + p * C, Vec::loadu(pixels.data() + p * V), nc);
+        }
+      } else {
+        pixels_to_planes(pixels.data(), HW, nc, V, gi + (b * C + c0) * HW);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(
+    const at::Tensor& grad,
+    const std::vector<RoiSampling<opmath_t<scalar_t>>>& S,
+    at::Tensor& grad_in,
+    int64_t PH,
+    int64_t PW,
+    at::MemoryFormat fmt) {
+  if constexpr (std::is_same_v<scalar_t, opmath_t<scalar_t>>) {
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      grad_in.zero_();
+      backward_channels_last_inplace<scalar_t>(grad, S, grad_in, PH, PW);
+      return;
+    }
+  }
+  backward_blocked<scalar_t>(grad, S, grad_in, PH, PW, fmt);
 }
 
 at::Tensor roi_align_forward(
@@ -484,38 +487,25 @@ at::Tensor roi_align_backward(
   // The forward returns channels_last output for channels_last input, so the gradient's
   // layout tells which layout the input had.
   const auto fmt = grad.suggest_memory_format();
-  const auto acc_type = at::toOpMathType(grad.scalar_type());
-  // (at::zeros has no memory_format: it would silently drop it.)
-  at::Tensor grad_in =
-      at::empty({batch_size, channels, height, width}, grad.options().dtype(acc_type).memory_format(fmt));
-  advise_huge_pages(grad_in);
-  grad_in.zero_();
-  if (grad.numel() == 0 || grad_in.numel() == 0) {
-    return grad_in.to(grad.scalar_type());
+  TORCH_CHECK(
+      fmt == at::MemoryFormat::Contiguous || fmt == at::MemoryFormat::ChannelsLast, op,
+      ": unsupported memory format ", fmt, "; expected Contiguous or ChannelsLast");
+  at::Tensor grad_in = at::empty({batch_size, channels, height, width}, grad.options().memory_format(fmt));
+  if (grad_in.numel() == 0) {
+    return grad_in;
   }
+  if (grad.numel() == 0) {
+    return grad_in.zero_();
+  }
+  advise_huge_pages(grad_in);
   const at::Tensor g = grad.contiguous(fmt);
-  const at::Tensor r = detail::rois_as(rois, acc_type);
+  const at::Tensor r = detail::rois_as(rois, at::toOpMathType(grad.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "roi_align_backward", [&] {
-    using acc_t = opmath_t<scalar_t>;
-    const auto S = detail::build_all_roi_sampling<acc_t>(
+    const auto S = detail::build_all_roi_sampling<opmath_t<scalar_t>>(
         r, batch_size, height, width, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
-    switch (fmt) {
-      case at::MemoryFormat::ChannelsLast:
-        backward_channels_last<scalar_t>(g, S, grad_in, pooled_height, pooled_width);
-        break;
-      case at::MemoryFormat::Contiguous:
-        if (use_blocked_nchw(S, batch_size, height, width, pooled_height, pooled_width)) {
-          backward_nchw_blocked<scalar_t>(g, S, grad_in, pooled_height, pooled_width);
-        } else {
-          backward_nchw_direct<scalar_t>(g, S, grad_in, pooled_height, pooled_width);
-        }
-        break;
-      default:
-        TORCH_CHECK(false, op, ": unsupported memory format ", fmt, "; expected Contiguous or ChannelsLast");
-    }
+    backward_kernel<scalar_t>(g, S, grad_in, pooled_height, pooled_width, fmt);
   });
-  // A no-op for float/double; rounds the float accumulator once for bfloat16/half.
-  return grad_in.to(grad.scalar_type());
+  return grad_in;
 }
 
 void register_kernels(torch::Library& m) {
