@@ -74,3 +74,120 @@ def roi_align(
                         acc += _bilinear(x[b], yy, xx)
                 out[k, :, ph, pw] = acc / count
     return out
+
+
+def _acc(dtype: torch.dtype):
+    """The scalar type torchvision's (and our) geometry is computed in for an input dtype."""
+    import numpy as np
+
+    return np.float64 if dtype == torch.float64 else np.float32
+
+
+def _round_half_away(v) -> int:
+    """std::round (half away from zero) of a float32/float64 value, exactly."""
+    v = float(v)
+    return int(math.copysign(math.floor(abs(v) + 0.5), v))
+
+
+def _pool_axis(lo, hi, extent_plus: int, bins: int, clip: int, T) -> list[tuple[int, int]]:
+    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        return [(0, 0)] * bins
+    start, end = _round_half_away(lo), _round_half_away(hi)
+    extent = max(end - start + extent_plus, 1)
+    size = T(extent) / T(bins)
+    out = []
+    for p in range(bins):
+        a = int(math.floor(T(p) * size))
+        b = int(math.ceil(T(p + 1) * size))
+        out.append((min(max(a + start, 0), clip), min(max(b + start, 0), clip)))
+    return out
+
+
+def _pool_bins(roi, scale: float, ph: int, pw: int, extent_plus: int, clip_h: int, clip_w: int, T):
+    r = [T(float(v)) for v in roi]
+    s = T(scale)
+    rows = _pool_axis(r[2] * s, r[4] * s, extent_plus, ph, clip_h, T)
+    cols = _pool_axis(r[1] * s, r[3] * s, extent_plus, pw, clip_w, T)
+    return int(float(r[0])), rows, cols
+
+
+def roi_pool(input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, ph: int, pw: int):
+    """torchvision's roi_pool: (max, int32 argmax) with its scan order and empty-bin rules."""
+    T = _acc(input.dtype)
+    x = input.double()
+    N, C, H, W = x.shape
+    K = rois.shape[0]
+    out = x.new_zeros(K, C, ph, pw)
+    arg = torch.full((K, C, ph, pw), -1, dtype=torch.int32)
+    flt_max = float(torch.finfo(torch.float32).max)
+    for k in range(K):
+        b, rows, cols = _pool_bins(rois[k].tolist(), spatial_scale, ph, pw, 1, H, W, T)
+        for i, (h0, h1) in enumerate(rows):
+            for j, (w0, w1) in enumerate(cols):
+                empty = h1 <= h0 or w1 <= w0
+                m = torch.full((C,), 0.0 if empty else -flt_max, dtype=torch.float64)
+                a = torch.full((C,), -1, dtype=torch.int32)
+                for h in range(h0, h1):
+                    for w in range(w0, w1):
+                        v = x[b, :, h, w]
+                        gt = v > m
+                        m = torch.where(gt, v, m)
+                        a = torch.where(gt, torch.tensor(h * W + w, dtype=torch.int32), a)
+                out[k, :, i, j] = m
+                arg[k, :, i, j] = a
+    return out, arg
+
+
+def ps_roi_pool(input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, ph: int, pw: int) -> torch.Tensor:
+    """torchvision's ps_roi_pool forward (bins clipped to H - 1, W - 1: the last row and column
+    are never pooled)."""
+    T = _acc(input.dtype)
+    x = input.double()
+    N, C, H, W = x.shape
+    c_out = C // (ph * pw)
+    out = x.new_zeros(rois.shape[0], c_out, ph, pw)
+    for k in range(rois.shape[0]):
+        b, rows, cols = _pool_bins(rois[k].tolist(), spatial_scale, ph, pw, 0, H - 1, W - 1, T)
+        for co in range(c_out):
+            for i, (h0, h1) in enumerate(rows):
+                for j, (w0, w1) in enumerate(cols):
+                    if h1 <= h0 or w1 <= w0:
+                        continue
+                    c_in = (co * ph + i) * pw + j
+                    out[k, co, i, j] = x[b, c_in, h0:h1, w0:w1].sum() / ((h1 - h0) * (w1 - w0))
+    return out
+
+
+def ps_roi_align(
+    input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, ph: int, pw: int, sampling_ratio: int
+) -> torch.Tensor:
+    """torchvision's ps_roi_align: always half-pixel aligned, no minimum size, an empty adaptive
+    grid divides by zero."""
+    x = input.double()
+    r = rois.double()
+    C = x.shape[1]
+    c_out = C // (ph * pw)
+    out = x.new_zeros(r.shape[0], c_out, ph, pw)
+    for k in range(r.shape[0]):
+        b = int(r[k, 0])
+        x1, y1, x2, y2 = (float(v) * spatial_scale - 0.5 for v in r[k, 1:])
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            continue
+        roi_w, roi_h = x2 - x1, y2 - y1
+        bin_h, bin_w = roi_h / ph, roi_w / pw
+        # Inverted boxes give negative grid sizes: no samples, but torchvision's count is still
+        # their product (so 0 / negative = -0, and a zero count gives NaN).
+        gh = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / ph)
+        gw = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / pw)
+        for i in range(ph):
+            for j in range(pw):
+                acc = x.new_zeros(C)
+                for iy in range(gh):
+                    yy = y1 + i * bin_h + (iy + 0.5) * bin_h / gh
+                    for ix in range(gw):
+                        xx = x1 + j * bin_w + (ix + 0.5) * bin_w / gw
+                        acc += _bilinear(x[b], yy, xx)
+                for co in range(c_out):
+                    c_in = (co * ph + i) * pw + j
+                    out[k, co, i, j] = acc[c_in] / (gh * gw) if gh * gw else float("nan")
+    return out

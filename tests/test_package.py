@@ -18,7 +18,16 @@ from torchvision_cpu_ext import _build
 from torchvision_cpu_ext._info import cpu_kernel_owner
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = ["roi_align", "_roi_align_backward"]
+OURS = [
+    "roi_align",
+    "_roi_align_backward",
+    "roi_pool",
+    "_roi_pool_backward",
+    "ps_roi_align",
+    "_ps_roi_align_backward",
+    "ps_roi_pool",
+    "_ps_roi_pool_backward",
+]
 
 
 def run_python(code: str, **env: str) -> str:
@@ -30,6 +39,7 @@ def run_python(code: str, **env: str) -> str:
 
 def test_our_kernels_are_dispatched():
     assert torchvision_cpu_ext.is_enabled()
+    assert sorted(torch.ops.torchvision_cpu_ext._cpu_override_ops()) == sorted(OURS)
     for op in OURS:
         assert cpu_kernel_owner(op) == "torchvision_cpu_ext"
     # torchvision's own CPU roi_align has no bfloat16 kernel: this runs only on ours.

@@ -15,6 +15,9 @@ CSRC = ROOT / "csrc" / "cpu"
 SOURCES = [
     "override.cpp",
     "roi_align_kernel.cpp",
+    "roi_pool_kernel.cpp",
+    "ps_roi_align_kernel.cpp",
+    "ps_roi_pool_kernel.cpp",
 ]
 
 # -ffp-contract=off: scalar code must round exactly like torchvision's (no silent FMA

@@ -168,56 +168,6 @@ bool use_blocked_nchw(const std::vector<RoiSampling<acc_t>>& S, int64_t N, int64
   return taps >= N * H * W / 2;
 }
 
-// ROI indices per image, in ROI order (the order every accumulation follows).
-template <typename acc_t>
-std::vector<std::vector<int64_t>> rois_per_image(const std::vector<RoiSampling<acc_t>>& S, int64_t N) {
-  std::vector<std::vector<int64_t>> out(N);
-  for (int64_t k = 0; k < static_cast<int64_t>(S.size()); ++k) {
-    out[S[k].batch].push_back(k);
-  }
-  return out;
-}
-
-// nc planes of HW values -> HW pixels of V lanes (lanes past nc untouched). float uses
-// ATen's 16x16 register transposes; other types a loop tiled so that the pixel-major side
-// stays in L1.
-template <typename T>
-inline void planes_to_pixels(const T* planes, int64_t HW, int64_t nc, int64_t V, T* pixels) {
-  if constexpr (std::is_same_v<T, float>) {
-    at::vec::transpose_mxn<float>(planes, HW, pixels, V, static_cast<int>(nc), static_cast<int>(HW));
-    return;
-  }
-  constexpr int64_t kTile = 64;
-  for (int64_t p0 = 0; p0 < HW; p0 += kTile) {
-    const int64_t p1 = std::min(HW, p0 + kTile);
-    for (int64_t c = 0; c < nc; ++c) {
-      const T* src = planes + c * HW;
-      for (int64_t p = p0; p < p1; ++p) {
-        pixels[p * V + c] = src[p];
-      }
-    }
-  }
-}
-
-// The inverse of planes_to_pixels, rounding to the planes' type.
-template <typename T, typename U>
-inline void pixels_to_planes(const T* pixels, int64_t HW, int64_t nc, int64_t V, U* planes) {
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<U, float>) {
-    at::vec::transpose_mxn<float>(pixels, V, planes, HW, static_cast<int>(HW), static_cast<int>(nc));
-    return;
-  }
-  constexpr int64_t kTile = 64;
-  for (int64_t p0 = 0; p0 < HW; p0 += kTile) {
-    const int64_t p1 = std::min(HW, p0 + kTile);
-    for (int64_t c = 0; c < nc; ++c) {
-      U* dst = planes + c * HW;
-      for (int64_t p = p0; p < p1; ++p) {
-        dst[p] = static_cast<U>(pixels[p * V + c]);
-      }
-    }
-  }
-}
-
 template <typename scalar_t>
 void forward_nchw_blocked(
     const at::Tensor& input,  // [N, C, H, W], contiguous
@@ -230,7 +180,7 @@ void forward_nchw_blocked(
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.data_ptr<scalar_t>();
-  const auto per_image = rois_per_image(S, N);
+  const auto per_image = detail::rois_per_image(S, N);
   const int64_t blocks = (C + V - 1) / V;
   at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
     // Lanes past the last channel stay zero; they are computed and never stored.
@@ -241,7 +191,7 @@ void forward_nchw_blocked(
       if (per_image[b].empty()) {
         continue;
       }
-      planes_to_pixels(in + (b * C + c0) * H * W, H * W, nc, V, pixels.data());
+      detail::planes_to_pixels(in + (b * C + c0) * H * W, H * W, nc, V, pixels.data());
       for (const int64_t k : per_image[b]) {
         const auto& s = S[k];
         const Vec count(s.count);
@@ -360,7 +310,7 @@ void backward_blocked(
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   scalar_t* gi = grad_in.data_ptr<scalar_t>();
-  const auto per_image = rois_per_image(S, N);
+  const auto per_image = detail::rois_per_image(S, N);
   const int64_t blocks = (C + V - 1) / V;
   at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> pixels(HW * V);
@@ -394,7 +344,7 @@ void backward_blocked(
           store_opmath(dst + p * C, Vec::loadu(pixels.data() + p * V), nc);
         }
       } else {
-        pixels_to_planes(pixels.data(), HW, nc, V, gi + (b * C + c0) * HW);
+        detail::pixels_to_planes(pixels.data(), HW, nc, V, gi + (b * C + c0) * HW);
       }
     }
   });

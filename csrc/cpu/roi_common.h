@@ -17,9 +17,11 @@
 // shared by every channel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <cstdint>
 #include <vector>
 
@@ -115,6 +117,14 @@ void build_axis_taps(
   }
 }
 
+// rois[k, 0] as a checked batch index (torchvision reads out of bounds for a bad one).
+template <typename acc_t>
+int64_t batch_index(const acc_t* roi, int64_t batch_size) {
+  const acc_t b = roi[0];
+  TORCH_CHECK(b >= 0 && b < batch_size, "rois[:, 0] must hold batch indices in [0, ", batch_size, "), got ", b);
+  return static_cast<int64_t>(b);
+}
+
 // Everything a kernel needs to know about one ROI of the roi_align family.
 template <typename acc_t>
 struct RoiSampling {
@@ -138,15 +148,9 @@ void build_roi_sampling(
     int64_t pooled_width,
     int64_t sampling_ratio,
     bool aligned,
-    RoiSampling<acc_t>& s) {
-  const acc_t b = roi[0];
-  TORCH_CHECK(
-      b >= 0 && b < batch_size,
-      "rois[:, 0] must hold batch indices in [0, ",
-      batch_size,
-      "), got ",
-      b);
-  s.batch = static_cast<int64_t>(b);
+    RoiSampling<acc_t>& s,
+    bool count_at_least_one = true) {
+  s.batch = batch_index(roi, batch_size);
   const acc_t offset = aligned ? acc_t(0.5) : acc_t(0.0);
   const acc_t start_w = roi[1] * spatial_scale - offset;
   const acc_t start_h = roi[2] * spatial_scale - offset;
@@ -163,8 +167,9 @@ void build_roi_sampling(
   const acc_t bin_w = roi_w / static_cast<acc_t>(pooled_width);
   int64_t grid_h = sampling_ratio;
   int64_t grid_w = sampling_ratio;
-  if (!(std::isfinite(start_w) && std::isfinite(start_h) && std::isfinite(end_w) &&
-        std::isfinite(end_h) && std::isfinite(bin_h) && std::isfinite(bin_w))) {
+  const bool finite = std::isfinite(start_w) && std::isfinite(start_h) && std::isfinite(end_w) &&
+      std::isfinite(end_h) && std::isfinite(bin_h) && std::isfinite(bin_w);
+  if (!finite) {
     // A non-finite box samples nothing: torchvision gives zeros with adaptive sampling (and
     // reads out of bounds with a fixed sampling ratio).
     grid_h = grid_w = 0;
@@ -179,10 +184,18 @@ void build_roi_sampling(
         " x ",
         roi_w,
         " feature pixels is too large for adaptive sampling");
-    grid_h = gh > 0 ? static_cast<int64_t>(gh) : 0;
-    grid_w = gw > 0 ? static_cast<int64_t>(gw) : 0;
+    grid_h = static_cast<int64_t>(gh);
+    grid_w = static_cast<int64_t>(gw);
   }
-  s.count = std::max(static_cast<acc_t>(grid_h * grid_w), acc_t(1));
+  // torchvision's count is the product of the grid sizes even when an inverted box makes one
+  // negative (no samples, count -1 or 2...). roi_align divides an empty grid's zero sum by at
+  // least 1; ps_roi_align by the raw count, so a zero count gives NaN, as in torchvision.
+  s.count = static_cast<acc_t>(grid_h * grid_w);
+  grid_h = std::max<int64_t>(grid_h, 0);
+  grid_w = std::max<int64_t>(grid_w, 0);
+  if (count_at_least_one || !finite) {
+    s.count = std::max(s.count, acc_t(1));
+  }
   build_axis_taps<acc_t>(start_h, bin_h, pooled_height, grid_h, height, s.y, s.scratch_idx, s.scratch_w, s.scratch_off);
   build_axis_taps<acc_t>(start_w, bin_w, pooled_width, grid_w, width, s.x, s.scratch_idx, s.scratch_w, s.scratch_off);
 }
@@ -198,7 +211,8 @@ std::vector<RoiSampling<acc_t>> build_all_roi_sampling(
     int64_t pooled_height,
     int64_t pooled_width,
     int64_t sampling_ratio,
-    bool aligned) {
+    bool aligned,
+    bool count_at_least_one = true) {
   const int64_t K = rois_acc.size(0);
   std::vector<RoiSampling<acc_t>> out(K);
   const acc_t* r = rois_acc.const_data_ptr<acc_t>();
@@ -206,10 +220,117 @@ std::vector<RoiSampling<acc_t>> build_all_roi_sampling(
     for (int64_t k = k0; k < k1; ++k) {
       build_roi_sampling<acc_t>(
           r + 5 * k, batch_size, height, width, static_cast<acc_t>(spatial_scale),
-          pooled_height, pooled_width, sampling_ratio, aligned, out[k]);
+          pooled_height, pooled_width, sampling_ratio, aligned, out[k], count_at_least_one);
     }
   });
   return out;
+}
+
+// Integer bins of roi_pool and ps_roi_pool. torchvision rounds the box to pixels, takes
+// floor/ceil of multiples of the bin size in the kernel's type, offsets and clips them; the
+// bins are separable (rows depend on ph only, columns on pw only). `extent_plus` is 1 for
+// roi_pool (the box includes its end pixel) and 0 for ps_roi_pool; bins are clipped to
+// [0, clip_h] x [0, clip_w] (H, W for roi_pool; H - 1, W - 1 for ps_roi_pool's forward).
+struct PoolBins {
+  int64_t batch = 0;
+  std::vector<int64_t> h0, h1, w0, w1;  // [start, end) of each output row / column of bins
+  bool empty(int64_t ph, int64_t pw) const { return h1[ph] <= h0[ph] || w1[pw] <= w0[pw]; }
+};
+
+template <typename acc_t>
+void build_pool_axis(acc_t lo, acc_t hi, int64_t extent_plus, int64_t bins, int64_t clip,
+                     std::vector<int64_t>& s, std::vector<int64_t>& e) {
+  s.assign(bins, 0);
+  e.assign(bins, 0);
+  if (!(std::isfinite(lo) && std::isfinite(hi))) {
+    return;  // every bin empty (torchvision: undefined int conversions)
+  }
+  // Beyond +-2^30 torchvision's int arithmetic overflows; such boxes are far off any map.
+  constexpr acc_t kFar = acc_t(1 << 30);
+  const int64_t start = static_cast<int64_t>(std::clamp(std::round(lo), -kFar, kFar));
+  const int64_t end = static_cast<int64_t>(std::clamp(std::round(hi), -kFar, kFar));
+  const int64_t extent = std::max<int64_t>(end - start + extent_plus, 1);
+  const acc_t bin = static_cast<acc_t>(extent) / static_cast<acc_t>(bins);
+  for (int64_t p = 0; p < bins; ++p) {
+    const int64_t a = static_cast<int64_t>(std::floor(static_cast<acc_t>(p) * bin));
+    const int64_t b = static_cast<int64_t>(std::ceil(static_cast<acc_t>(p + 1) * bin));
+    s[p] = std::min(std::max<int64_t>(a + start, 0), clip);
+    e[p] = std::min(std::max<int64_t>(b + start, 0), clip);
+  }
+}
+
+template <typename acc_t>
+void build_pool_bins(const acc_t* roi, int64_t batch_size, acc_t scale, int64_t PH, int64_t PW,
+                     int64_t extent_plus, int64_t clip_h, int64_t clip_w, PoolBins& out) {
+  out.batch = batch_index(roi, batch_size);
+  build_pool_axis<acc_t>(roi[2] * scale, roi[4] * scale, extent_plus, PH, clip_h, out.h0, out.h1);
+  build_pool_axis<acc_t>(roi[1] * scale, roi[3] * scale, extent_plus, PW, clip_w, out.w0, out.w1);
+}
+
+template <typename acc_t>
+std::vector<PoolBins> build_all_pool_bins(const at::Tensor& rois_acc, int64_t batch_size, double scale,
+                                          int64_t PH, int64_t PW, int64_t extent_plus, int64_t clip_h,
+                                          int64_t clip_w) {
+  const int64_t K = rois_acc.size(0);
+  std::vector<PoolBins> out(K);
+  const acc_t* r = rois_acc.const_data_ptr<acc_t>();
+  at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      build_pool_bins<acc_t>(r + 5 * k, batch_size, static_cast<acc_t>(scale), PH, PW, extent_plus, clip_h,
+                             clip_w, out[k]);
+    }
+  });
+  return out;
+}
+
+// ROI indices per image, in ROI order (the order every accumulation follows).
+template <typename Roi>
+std::vector<std::vector<int64_t>> rois_per_image(const std::vector<Roi>& S, int64_t N) {
+  std::vector<std::vector<int64_t>> out(N);
+  for (int64_t k = 0; k < static_cast<int64_t>(S.size()); ++k) {
+    out[S[k].batch].push_back(k);
+  }
+  return out;
+}
+
+// nc planes of HW values -> HW pixels of V lanes (lanes past nc untouched). float uses
+// ATen's 16x16 register transposes; other types a loop tiled so that the pixel-major side
+// stays in L1.
+template <typename T>
+inline void planes_to_pixels(const T* planes, int64_t HW, int64_t nc, int64_t V, T* pixels) {
+  if constexpr (std::is_same_v<T, float>) {
+    at::vec::transpose_mxn<float>(planes, HW, pixels, V, static_cast<int>(nc), static_cast<int>(HW));
+    return;
+  }
+  constexpr int64_t kTile = 64;
+  for (int64_t p0 = 0; p0 < HW; p0 += kTile) {
+    const int64_t p1 = std::min(HW, p0 + kTile);
+    for (int64_t c = 0; c < nc; ++c) {
+      const T* src = planes + c * HW;
+      for (int64_t p = p0; p < p1; ++p) {
+        pixels[p * V + c] = src[p];
+      }
+    }
+  }
+}
+
+// The inverse of planes_to_pixels, rounding to the planes' type.
+template <typename T, typename U>
+inline void pixels_to_planes(const T* pixels, int64_t HW, int64_t nc, int64_t V, U* planes) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<U, float>) {
+    at::vec::transpose_mxn<float>(pixels, V, planes, HW, static_cast<int>(HW), static_cast<int>(nc));
+    return;
+  }
+  constexpr int64_t kTile = 64;
+  for (int64_t p0 = 0; p0 < HW; p0 += kTile) {
+    const int64_t p1 = std::min(HW, p0 + kTile);
+    for (int64_t c = 0; c < nc; ++c) {
+      U* dst = planes + c * HW;
+      for (int64_t p = p0; p < p1; ++p) {
+        dst[p] = static_cast<U>(pixels[p * V + c]);
+      }
+    }
+  }
 }
 
 // Argument checks shared by the RoI ops: every message names the argument.
@@ -233,6 +354,32 @@ inline void check_roi_inputs(const char* op, const at::Tensor& input, const at::
       rois.scalar_type() == dt || (reduced && rois.scalar_type() == at::kFloat), op,
       ": rois must have the dtype of input", reduced ? " or float32" : "", ", got input ", dt,
       " and rois ", rois.scalar_type());
+}
+
+// The channel_mapping a position-sensitive forward returned: int32, grad's shape, and the
+// canonical map (output channel c of bin (ph, pw) read input channel (c * PH + ph) * PW + pw).
+// The backward kernels partition work by input channel, which is only race-free for this map.
+inline void check_channel_mapping(const char* op, const at::Tensor& m, const at::Tensor& grad, int64_t PH, int64_t PW) {
+  TORCH_CHECK(
+      m.scalar_type() == at::kInt && m.sizes() == grad.sizes() && m.device().is_cpu(), op,
+      ": channel_mapping must be the int32 CPU tensor the forward returned, of grad's shape ", grad.sizes(),
+      ", got ", m.scalar_type(), " ", m.sizes());
+  if (m.numel() == 0) {
+    return;
+  }
+  const at::Tensor expected = at::arange(m.size(1) * PH * PW, m.options()).view({1, m.size(1), PH, PW});
+  TORCH_CHECK(
+      m.eq(expected).all().item<bool>(), op,
+      ": channel_mapping must map output channel c of bin (ph, pw) to input channel "
+      "(c * pooled_height + ph) * pooled_width + pw, as the forward returned it");
+}
+
+// Output channels of a position-sensitive op: input channels / (PH * PW), exactly.
+inline int64_t ps_channels_out(const char* op, int64_t channels, int64_t PH, int64_t PW) {
+  TORCH_CHECK(
+      PH > 0 && PW > 0 && channels % (PH * PW) == 0, op, ": input channels (", channels,
+      ") must be a multiple of pooled_height * pooled_width (", PH, " * ", PW, ")");
+  return channels / (PH * PW);
 }
 
 inline void check_pooled_size(const char* op, int64_t pooled_height, int64_t pooled_width) {

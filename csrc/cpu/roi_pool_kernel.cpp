@@ -1,0 +1,339 @@
+// roi_pool forward and backward for CPU: NCHW and channels_last, float/double/bfloat16/half.
+//
+// NOTE [ roi_pool ]
+// Bins are torchvision's integer bins (roi_common.h, PoolBins). Each output is the maximum of
+// its bin with torchvision's rules kept exactly: the scan goes row by row, a value replaces
+// the running maximum only when strictly greater (so ties keep the first position, NaN is
+// never taken, and a bin of values <= -FLT_MAX reports -FLT_MAX with argmax -1), an empty bin
+// gives 0 and argmax -1. Max is exact in every dtype, so outputs equal torchvision's bit for
+// bit; argmax is the int32 index h * W + w within the plane.
+// - channels_last forward: for each bin the pixels are read once, in scan order, each as
+//   whole channel vectors; the running maximum and its position live in per-thread buffers
+//   of C lanes (the position as the integer's bits inside an opmath vector, so one blend
+//   moves both). Parallel over ROIs.
+// - NCHW forward: as in roi_align (NOTE [ roi_align layouts ]): blocks of V channels of one
+//   image are transposed to pixel-major and run the same bin loop, when the bins read more
+//   than half the map; otherwise direct per-plane scalar loops.
+// - Backward adds each output gradient at its argmax. Threads own channels (blocks of V in
+//   channels_last, planes in NCHW) and visit ROIs in order: no races, deterministic.
+//   bfloat16/half accumulate in a float buffer.
+#include "memory.h"
+#include "override.h"
+#include "roi_common.h"
+#include "vec_io.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cfloat>
+
+namespace tvce {
+namespace {
+
+using detail::PoolBins;
+
+constexpr const char* kOp = "roi_pool";
+
+template <typename acc_t>
+using IdxInt = at::vec::int_same_size_t<acc_t>;
+
+// Max and argmax of bin (ph, pw) over `n` channels of a pixel-major image (pixels `pstride`
+// apart, channel 0 of the block at px0), into m[0, n) and arg[0, n) (argmax bits in opmath
+// lanes). Scan order and comparisons are torchvision's.
+template <typename scalar_t>
+inline void bin_max(
+    const scalar_t* px0,
+    int64_t W,
+    int64_t pstride,
+    int64_t n,
+    const PoolBins& b,
+    int64_t ph,
+    int64_t pw,
+    opmath_t<scalar_t>* m,
+    opmath_t<scalar_t>* arg) {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = OpVec<scalar_t>;
+  using IVec = at::vec::Vectorized<IdxInt<acc_t>>;
+  constexpr int64_t V = Vec::size();
+  const Vec init(b.empty(ph, pw) ? acc_t(0) : acc_t(-FLT_MAX));
+  const Vec none = at::vec::cast<acc_t>(IVec(IdxInt<acc_t>(-1)));
+  for (int64_t c = 0; c < n; c += V) {
+    init.store(m + c);
+    none.store(arg + c);
+  }
+  for (int64_t h = b.h0[ph]; h < b.h1[ph]; ++h) {
+    for (int64_t w = b.w0[pw]; w < b.w1[pw]; ++w) {
+      const scalar_t* px = px0 + (h * W + w) * pstride;
+      const Vec here = at::vec::cast<acc_t>(IVec(static_cast<IdxInt<acc_t>>(h * W + w)));
+      for (int64_t c = 0; c < n; c += V) {
+        const int64_t lanes = std::min(V, n - c);
+        const Vec x = load_opmath(px + c, lanes);
+        const Vec cur = Vec::loadu(m + c);
+        const Vec gt = x > cur;
+        Vec::blendv(cur, x, gt).store(m + c);
+        Vec::blendv(Vec::loadu(arg + c), here, gt).store(arg + c);
+      }
+    }
+  }
+}
+
+// Stores lanes [0, n) of m/arg as outputs `stride` elements apart.
+template <typename scalar_t>
+inline void store_bin(
+    const opmath_t<scalar_t>* m,
+    const opmath_t<scalar_t>* arg,
+    int64_t n,
+    int64_t stride,
+    scalar_t* out,
+    int32_t* argmax) {
+  using acc_t = opmath_t<scalar_t>;
+  for (int64_t c = 0; c < n; ++c) {
+    IdxInt<acc_t> a;
+    std::memcpy(&a, arg + c, sizeof(a));
+    out[c * stride] = static_cast<scalar_t>(m[c]);
+    argmax[c * stride] = static_cast<int32_t>(a);
+  }
+}
+
+template <typename scalar_t>
+void forward_channels_last(
+    const at::Tensor& input,
+    const std::vector<PoolBins>& B,
+    at::Tensor& output,
+    at::Tensor& argmax,
+    int64_t PH,
+    int64_t PW) {
+  using acc_t = opmath_t<scalar_t>;
+  constexpr int64_t V = OpVec<scalar_t>::size();
+  const int64_t C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t K = static_cast<int64_t>(B.size());
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* out = output.data_ptr<scalar_t>();
+  int32_t* am = argmax.data_ptr<int32_t>();
+  const int64_t Cpad = (C + V - 1) / V * V;
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> m(Cpad), arg(Cpad);
+    for (int64_t k = k0; k < k1; ++k) {
+      const auto& b = B[k];
+      const scalar_t* img = in + b.batch * H * W * C;
+      for (int64_t ph = 0; ph < PH; ++ph) {
+        for (int64_t pw = 0; pw < PW; ++pw) {
+          bin_max<scalar_t>(img, W, C, C, b, ph, pw, m.data(), arg.data());
+          const int64_t o = ((k * PH + ph) * PW + pw) * C;
+          store_bin<scalar_t>(m.data(), arg.data(), C, 1, out + o, am + o);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_nchw_blocked(
+    const at::Tensor& input,
+    const std::vector<PoolBins>& B,
+    at::Tensor& output,
+    at::Tensor& argmax,
+    int64_t PH,
+    int64_t PW) {
+  using acc_t = opmath_t<scalar_t>;
+  constexpr int64_t V = OpVec<scalar_t>::size();
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* out = output.data_ptr<scalar_t>();
+  int32_t* am = argmax.data_ptr<int32_t>();
+  const auto per_image = detail::rois_per_image(B, N);
+  const int64_t blocks = (C + V - 1) / V;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<scalar_t> pixels(H * W * V, scalar_t(0));
+    acc_t m[V], arg[V];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / blocks, c0 = (t % blocks) * V, nc = std::min(V, C - c0);
+      if (per_image[b].empty()) {
+        continue;
+      }
+      detail::planes_to_pixels(in + (b * C + c0) * H * W, H * W, nc, V, pixels.data());
+      for (const int64_t k : per_image[b]) {
+        for (int64_t ph = 0; ph < PH; ++ph) {
+          for (int64_t pw = 0; pw < PW; ++pw) {
+            bin_max<scalar_t>(pixels.data(), W, V, nc, B[k], ph, pw, m, arg);
+            const int64_t o = ((k * C + c0) * PH + ph) * PW + pw;
+            store_bin<scalar_t>(m, arg, nc, PH * PW, out + o, am + o);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_nchw_direct(
+    const at::Tensor& input,
+    const std::vector<PoolBins>& B,
+    at::Tensor& output,
+    at::Tensor& argmax,
+    int64_t PH,
+    int64_t PW) {
+  using acc_t = opmath_t<scalar_t>;
+  const int64_t C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t K = static_cast<int64_t>(B.size());
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* out = output.data_ptr<scalar_t>();
+  int32_t* am = argmax.data_ptr<int32_t>();
+  // Channel-major over (channel, ROI), so a plane stays in cache for all its ROIs.
+  at::parallel_for(0, C * K, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t c = i / K, k = i % K;
+      const auto& b = B[k];
+      const scalar_t* plane = in + (b.batch * C + c) * H * W;
+      for (int64_t ph = 0; ph < PH; ++ph) {
+        for (int64_t pw = 0; pw < PW; ++pw) {
+          acc_t m = b.empty(ph, pw) ? acc_t(0) : acc_t(-FLT_MAX);
+          int64_t a = -1;
+          for (int64_t h = b.h0[ph]; h < b.h1[ph]; ++h) {
+            for (int64_t w = b.w0[pw]; w < b.w1[pw]; ++w) {
+              const acc_t x = static_cast<acc_t>(plane[h * W + w]);
+              if (x > m) {
+                m = x;
+                a = h * W + w;
+              }
+            }
+          }
+          const int64_t o = ((k * C + c) * PH + ph) * PW + pw;
+          out[o] = static_cast<scalar_t>(m);
+          am[o] = static_cast<int32_t>(a);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> roi_pool_forward(
+    const at::Tensor& input,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width) {
+  detail::check_roi_inputs(kOp, input, rois);
+  detail::check_pooled_size(kOp, pooled_height, pooled_width);
+  const auto fmt = input.suggest_memory_format();
+  TORCH_CHECK(
+      fmt == at::MemoryFormat::Contiguous || fmt == at::MemoryFormat::ChannelsLast, kOp,
+      ": unsupported memory format ", fmt, "; expected Contiguous or ChannelsLast");
+  const int64_t K = rois.size(0), N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  at::Tensor output = at::empty({K, C, pooled_height, pooled_width}, input.options().memory_format(fmt));
+  at::Tensor argmax = at::empty_like(output, output.options().dtype(at::kInt));
+  if (output.numel() == 0) {
+    return {output, argmax};
+  }
+  advise_huge_pages(output);
+  const at::Tensor in = input.contiguous(fmt);
+  const at::Tensor r = detail::rois_as(rois, at::toOpMathType(input.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "roi_pool_forward", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    const auto B = detail::build_all_pool_bins<acc_t>(r, N, spatial_scale, pooled_height, pooled_width, 1, H, W);
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      forward_channels_last<scalar_t>(in, B, output, argmax, pooled_height, pooled_width);
+      return;
+    }
+    int64_t reads = 0;  // pixels all bins read, per channel
+    for (const auto& b : B) {
+      for (int64_t ph = 0; ph < pooled_height; ++ph) {
+        for (int64_t pw = 0; pw < pooled_width; ++pw) {
+          reads += std::max<int64_t>(b.h1[ph] - b.h0[ph], 0) * std::max<int64_t>(b.w1[pw] - b.w0[pw], 0);
+        }
+      }
+    }
+    if (reads >= N * H * W / 2) {
+      forward_nchw_blocked<scalar_t>(in, B, output, argmax, pooled_height, pooled_width);
+    } else {
+      forward_nchw_direct<scalar_t>(in, B, output, argmax, pooled_height, pooled_width);
+    }
+  });
+  return {output, argmax};
+}
+
+at::Tensor roi_pool_backward(
+    const at::Tensor& grad,
+    const at::Tensor& rois,
+    const at::Tensor& argmax,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t batch_size,
+    int64_t channels,
+    int64_t height,
+    int64_t width) {
+  constexpr const char* op = "_roi_pool_backward";
+  detail::check_roi_inputs(op, grad, rois);
+  detail::check_pooled_size(op, pooled_height, pooled_width);
+  TORCH_CHECK(
+      batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0, op,
+      ": input shape (batch_size, channels, height, width) must be non-negative, got (", batch_size, ", ",
+      channels, ", ", height, ", ", width, ")");
+  TORCH_CHECK(
+      grad.size(0) == rois.size(0) && grad.size(1) == channels && grad.size(2) == pooled_height &&
+          grad.size(3) == pooled_width,
+      op, ": grad must have shape [K, channels, pooled_height, pooled_width] = [", rois.size(0), ", ", channels,
+      ", ", pooled_height, ", ", pooled_width, "], got ", grad.sizes());
+  TORCH_CHECK(
+      argmax.scalar_type() == at::kInt && argmax.sizes() == grad.sizes() && argmax.device().is_cpu(), op,
+      ": argmax must be the int32 CPU tensor roi_pool returned, of grad's shape ", grad.sizes(), ", got ",
+      argmax.scalar_type(), " ", argmax.sizes());
+  const auto fmt = grad.suggest_memory_format();
+  TORCH_CHECK(
+      fmt == at::MemoryFormat::Contiguous || fmt == at::MemoryFormat::ChannelsLast, op,
+      ": unsupported memory format ", fmt, "; expected Contiguous or ChannelsLast");
+  const auto acc_type = at::toOpMathType(grad.scalar_type());
+  at::Tensor grad_in = at::empty({batch_size, channels, height, width}, grad.options().dtype(acc_type).memory_format(fmt));
+  advise_huge_pages(grad_in);
+  grad_in.zero_();
+  if (grad.numel() == 0 || grad_in.numel() == 0) {
+    return grad_in.to(grad.scalar_type());
+  }
+  const at::Tensor g = grad.contiguous(fmt);
+  const at::Tensor a = argmax.contiguous(fmt);
+  const at::Tensor r = detail::rois_as(rois, acc_type);
+  const int64_t K = rois.size(0), C = channels, HW = height * width, P = pooled_height * pooled_width;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "roi_pool_backward", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    constexpr int64_t V = OpVec<scalar_t>::size();
+    const acc_t* rr = r.const_data_ptr<acc_t>();
+    std::vector<int64_t> batch(K);
+    for (int64_t k = 0; k < K; ++k) {
+      batch[k] = detail::batch_index(rr + 5 * k, batch_size);
+    }
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const int32_t* ap = a.const_data_ptr<int32_t>();
+    acc_t* gi = grad_in.data_ptr<acc_t>();
+    const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+    // Threads own channels (whole cache lines of them in channels_last): see NOTE [ roi_pool ].
+    const int64_t unit = cl ? V : 1;
+    at::parallel_for(0, (C + unit - 1) / unit, 1, [&](int64_t u0, int64_t u1) {
+      const int64_t c0 = u0 * unit, c1 = std::min(C, u1 * unit);
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t p = 0; p < P; ++p) {
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t o = cl ? (k * P + p) * C + c : (k * C + c) * P + p;
+            const int64_t idx = ap[o];
+            if (idx < 0) {
+              continue;
+            }
+            TORCH_CHECK(idx < HW, op, ": argmax holds ", idx, ", outside the ", height, "x", width, " map");
+            gi[cl ? (batch[k] * HW + idx) * C + c : (batch[k] * C + c) * HW + idx] += static_cast<acc_t>(gp[o]);
+          }
+        }
+      }
+    });
+  });
+  return grad_in.to(grad.scalar_type());
+}
+
+void register_kernels(torch::Library& m) {
+  m.impl("roi_pool", TORCH_FN(roi_pool_forward));
+  m.impl("_roi_pool_backward", TORCH_FN(roi_pool_backward));
+}
+
+const CpuOverride registrar({"roi_pool", "_roi_pool_backward"}, &register_kernels);
+
+} // namespace
+} // namespace tvce

@@ -1,0 +1,160 @@
+"""ps_roi_align: our kernels against a float64 reference and torchvision's native kernel."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import NATIVE
+from reference import ps_roi_align as ref_ps_roi_align
+from roi_cases import DTYPES, LAYOUTS, POOLED, SCALE, TOL, H, N, W, expected_format, make_input, make_rois
+from torchvision.ops import ps_roi_align
+
+import torchvision_cpu_ext
+
+OP = torch.ops.torchvision.ps_roi_align
+BWD = torch.ops.torchvision._ps_roi_align_backward
+C_IN = 2 * POOLED[0] * POOLED[1]  # two output channels
+C_OUT = 2
+
+
+@functools.cache
+def _reference(dtype: torch.dtype, rois_dtype: torch.dtype, sampling_ratio: int):
+    x = make_input(dtype, "nchw", True, channels=C_IN)
+    return ref_ps_roi_align(x, make_rois(dtype=rois_dtype), SCALE, *POOLED, sampling_ratio)
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_matches_reference(dtype, layout, contiguous, sampling_ratio, threads):
+    x = make_input(dtype, layout, contiguous, channels=C_IN)
+    for rois_dtype in {dtype, torch.float32} if dtype in (torch.bfloat16, torch.float16) else {dtype}:
+        out, mapping = OP(x, make_rois(dtype=rois_dtype), SCALE, *POOLED, sampling_ratio)
+        assert out.dtype == dtype and out.shape[1] == C_OUT
+        assert out.is_contiguous(memory_format=expected_format(layout))
+        expected = _reference(dtype, rois_dtype, sampling_ratio)
+        # equal_nan: an empty adaptive grid divides by zero, in torchvision and here.
+        torch.testing.assert_close(out.double(), expected, equal_nan=True, **TOL[dtype])
+        canonical = torch.arange(C_IN, dtype=torch.int32).view(1, C_OUT, *POOLED).expand_as(mapping)
+        assert torch.equal(mapping, canonical)
+
+
+@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_forward_backward_match_torchvision(dtype, layout, sampling_ratio, threads):
+    x = make_input(dtype, layout, True, channels=C_IN).requires_grad_()
+    rois = make_rois(dtype=dtype)
+    g = torch.randn(rois.shape[0], C_OUT, *POOLED, dtype=dtype)
+
+    def run():
+        x.grad = None
+        out = ps_roi_align(x, rois, POOLED, SCALE, sampling_ratio)
+        out.backward(g)
+        return out.detach(), x.grad.clone()
+
+    out, grad = run()
+    torchvision_cpu_ext.disable()
+    try:
+        tv_out, tv_grad = run()
+        tv_map = OP(x.detach(), rois, SCALE, *POOLED, sampling_ratio)[1]
+    finally:
+        torchvision_cpu_ext.enable()
+    torch.testing.assert_close(out, tv_out, equal_nan=True, **TOL[dtype])
+    torch.testing.assert_close(grad, tv_grad, **TOL[dtype])
+    assert torch.equal(OP(x.detach(), rois, SCALE, *POOLED, sampling_ratio)[1], tv_map)
+    assert grad.is_contiguous(memory_format=expected_format(layout))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck(layout):
+    x = torch.rand(1, 12, 6, 7, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    rois = torch.tensor([[0, 0.0, 0.0, 9.0, 9.0], [0, 1.5, 2.5, 7.0, 6.0], [0, -3.0, -2.0, 4.0, 15.0]]).double()
+    assert torch.autograd.gradcheck(lambda t: ps_roi_align(t, rois, (3, 2), 0.75, 2), (x,))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_reduced_precision_backward(dtype, layout, threads):
+    x = make_input(dtype, layout, True, channels=C_IN).requires_grad_()
+    rois = make_rois()
+    g = torch.randn(rois.shape[0], C_OUT, *POOLED).to(dtype)
+    ps_roi_align(x, rois, POOLED, SCALE, 2).backward(g)
+    x64 = x.detach().double().requires_grad_()
+    ps_roi_align(x64, rois.double(), POOLED, SCALE, 2).backward(g.double())
+    assert x.grad.dtype == dtype and x.grad.is_contiguous(memory_format=expected_format(layout))
+    torch.testing.assert_close(x.grad.double(), x64.grad, **TOL[dtype])
+
+
+def test_backward_is_deterministic_across_threads():
+    x = make_input(torch.float32, "channels_last", True, channels=C_IN).requires_grad_()
+    rois = torch.cat([make_rois(K=40, seed=s) for s in range(3)])
+    g = torch.randn(rois.shape[0], C_OUT, *POOLED)
+    grads = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x.grad = None
+            ps_roi_align(x, rois, POOLED, SCALE, 0).backward(g)
+            grads.append(x.grad.clone())
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_non_finite_boxes_give_zeros():
+    x = make_input(torch.float32, "nchw", True, channels=C_IN)
+    nan, inf = float("nan"), float("inf")
+    rois = torch.tensor([[0, nan, 1, 3, 3], [1, 1, 1, inf, 3]])
+    for sr in (2, 0):
+        assert OP(x, rois, SCALE, *POOLED, sr)[0].eq(0).all()
+
+
+def test_empty_and_bad_inputs():
+    x = make_input(torch.float32, "nchw", True, channels=C_IN)
+    out, mapping = OP(x, torch.zeros(0, 5), SCALE, *POOLED, 2)
+    assert out.shape == mapping.shape == (0, C_OUT, *POOLED)
+    rois = make_rois()
+    with pytest.raises(
+        RuntimeError, match=r"input channels \(24\) must be a multiple of pooled_height \* pooled_width"
+    ):
+        OP(x, rois, SCALE, 5, 5, 2)
+    with pytest.raises(RuntimeError, match="input must be a 4-D tensor"):
+        OP(x[0], rois, SCALE, *POOLED, 2)
+    with pytest.raises(RuntimeError, match="rois must have the dtype of input"):
+        OP(x, rois.double(), SCALE, *POOLED, 2)
+    out, mapping = OP(x, rois, SCALE, *POOLED, 2)
+    g = torch.randn_like(out)
+    with pytest.raises(RuntimeError, match="channel_mapping must map output channel"):
+        BWD(g, rois, mapping.flip(1), SCALE, *POOLED, 2, N, C_IN, H, W)
+    with pytest.raises(RuntimeError, match="channel_mapping must be the int32 CPU tensor"):
+        BWD(g, rois, mapping.long(), SCALE, *POOLED, 2, N, C_IN, H, W)
+    with pytest.raises(RuntimeError, match="grad must have shape"):
+        BWD(g[:, :1], rois, mapping[:, :1], SCALE, *POOLED, 2, N, C_IN, H, W)
+
+
+@pytest.mark.parametrize("dtype,rois_dtype", [(torch.float32,) * 2, (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck(layout, dtype, rois_dtype):
+    x = make_input(dtype, layout, True, channels=C_IN).requires_grad_(dtype == torch.float32)
+    rois = make_rois(K=4, dtype=rois_dtype)
+    torch.library.opcheck(OP, (x, rois, SCALE, *POOLED, 2))
+    out, mapping = OP(x.detach(), rois, SCALE, *POOLED, 2)
+    torch.library.opcheck(BWD, (torch.randn_like(out), rois, mapping, SCALE, *POOLED, 2, N, C_IN, H, W))
+
+
+def test_autocast_keeps_bf16_and_fp32_rois():
+    x = make_input(torch.bfloat16, "channels_last", True, channels=C_IN)
+    rois = make_rois(dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = OP(x, rois, SCALE, *POOLED, 2)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, OP(x, rois.float(), SCALE, *POOLED, 2)[0])

@@ -1,0 +1,139 @@
+"""ps_roi_pool: our kernels against a float64 reference and torchvision's native kernel."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import NATIVE
+from reference import ps_roi_pool as ref_ps_roi_pool
+from roi_cases import DTYPES, LAYOUTS, POOLED, SCALE, TOL, H, N, W, expected_format, make_input, make_rois
+from torchvision.ops import ps_roi_pool
+
+import torchvision_cpu_ext
+
+OP = torch.ops.torchvision.ps_roi_pool
+BWD = torch.ops.torchvision._ps_roi_pool_backward
+C_IN = 2 * POOLED[0] * POOLED[1]
+C_OUT = 2
+
+
+@functools.cache
+def _reference(dtype: torch.dtype, rois_dtype: torch.dtype):
+    x = make_input(dtype, "nchw", True, channels=C_IN)
+    return ref_ps_roi_pool(x, make_rois(dtype=rois_dtype), SCALE, *POOLED)
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_matches_reference(dtype, layout, contiguous, threads):
+    x = make_input(dtype, layout, contiguous, channels=C_IN)
+    for rois_dtype in {dtype, torch.float32} if dtype in (torch.bfloat16, torch.float16) else {dtype}:
+        out, mapping = OP(x, make_rois(dtype=rois_dtype), SCALE, *POOLED)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=expected_format(layout))
+        torch.testing.assert_close(out.double(), _reference(dtype, rois_dtype), **TOL[dtype])
+        canonical = torch.arange(C_IN, dtype=torch.int32).view(1, C_OUT, *POOLED).expand_as(mapping)
+        assert torch.equal(mapping, canonical)
+
+
+def interior_rois(dtype: torch.dtype) -> torch.Tensor:
+    """Boxes whose bins stay off the last row and column of the map, where torchvision's
+    backward disagrees with its own forward (NOTE [ ps_roi_pool backward ])."""
+    rois = make_rois(dtype=dtype)
+    inside = (rois[:, 3] * SCALE < W - 2) & (rois[:, 4] * SCALE < H - 2)
+    return rois[inside]
+
+
+@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_forward_backward_match_torchvision(dtype, layout, threads):
+    x = make_input(dtype, layout, True, channels=C_IN).requires_grad_()
+    rois = make_rois(dtype=dtype)
+    out = OP(x.detach(), rois, SCALE, *POOLED)
+    torchvision_cpu_ext.disable()
+    try:
+        tv = OP(x.detach(), rois, SCALE, *POOLED)
+    finally:
+        torchvision_cpu_ext.enable()
+    # The same bins summed in the same order: equal bit for bit.
+    assert torch.equal(out[0], tv[0]) and torch.equal(out[1], tv[1])
+
+    rois = interior_rois(dtype)
+    assert rois.shape[0] >= 5
+    g = torch.randn(rois.shape[0], C_OUT, *POOLED, dtype=dtype)
+
+    def grad():
+        x.grad = None
+        ps_roi_pool(x, rois, POOLED, SCALE).backward(g)
+        return x.grad.clone()
+
+    ours = grad()
+    torchvision_cpu_ext.disable()
+    try:
+        theirs = grad()
+    finally:
+        torchvision_cpu_ext.enable()
+    torch.testing.assert_close(ours, theirs, **TOL[dtype])
+    assert ours.is_contiguous(memory_format=expected_format(layout))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck_including_map_borders(layout):
+    x = torch.rand(1, 12, 6, 7, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    # The first and last boxes reach the last row/column: torchvision's backward fails here.
+    rois = torch.tensor([[0, 0, 0, 9, 9], [0, 1, 2, 5, 4], [0, 2, 1, 6.4, 5.6]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: ps_roi_pool(t, rois, (3, 2), 1.0), (x,))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_reduced_precision_backward(dtype, layout, threads):
+    x = make_input(dtype, layout, True, channels=C_IN).requires_grad_()
+    rois = make_rois()
+    g = torch.randn(rois.shape[0], C_OUT, *POOLED).to(dtype)
+    ps_roi_pool(x, rois, POOLED, SCALE).backward(g)
+    x64 = x.detach().double().requires_grad_()
+    ps_roi_pool(x64, rois.double(), POOLED, SCALE).backward(g.double())
+    assert x.grad.dtype == dtype and x.grad.is_contiguous(memory_format=expected_format(layout))
+    torch.testing.assert_close(x.grad.double(), x64.grad, **TOL[dtype])
+
+
+def test_empty_and_bad_inputs():
+    x = make_input(torch.float32, "nchw", True, channels=C_IN)
+    out, mapping = OP(x, torch.zeros(0, 5), SCALE, *POOLED)
+    assert out.shape == mapping.shape == (0, C_OUT, *POOLED)
+    rois = make_rois()
+    with pytest.raises(RuntimeError, match=r"input channels \(24\) must be a multiple"):
+        OP(x, rois, SCALE, 5, 5)
+    with pytest.raises(RuntimeError, match=r"rois must have shape \[K, 5\]"):
+        OP(x, rois[:, :3], SCALE, *POOLED)
+    out, mapping = OP(x, rois, SCALE, *POOLED)
+    with pytest.raises(RuntimeError, match="channel_mapping must map output channel"):
+        BWD(torch.randn_like(out), rois, mapping + 1, SCALE, *POOLED, N, C_IN, H, W)
+    with pytest.raises(RuntimeError, match="must be non-negative"):
+        BWD(torch.randn_like(out), rois, mapping, SCALE, *POOLED, N, C_IN, -1, W)
+
+
+@pytest.mark.parametrize("dtype,rois_dtype", [(torch.float32,) * 2, (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck(layout, dtype, rois_dtype):
+    x = make_input(dtype, layout, True, channels=C_IN).requires_grad_(dtype == torch.float32)
+    rois = make_rois(K=4, dtype=rois_dtype)
+    torch.library.opcheck(OP, (x, rois, SCALE, *POOLED))
+    out, mapping = OP(x.detach(), rois, SCALE, *POOLED)
+    torch.library.opcheck(BWD, (torch.randn_like(out), rois, mapping, SCALE, *POOLED, N, C_IN, H, W))
+
+
+def test_autocast_keeps_bf16_and_fp32_rois():
+    x = make_input(torch.bfloat16, "channels_last", True, channels=C_IN)
+    rois = make_rois(dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = OP(x, rois, SCALE, *POOLED)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, OP(x, rois.float(), SCALE, *POOLED)[0])
