@@ -31,21 +31,45 @@ from machine import machine_limits  # noqa: E402
 
 @dataclass
 class Case:
+    op: str  # roi_align, roi_pool, ps_roi_align or ps_roi_pool
     name: str
     shape: tuple[int, int, int, int]  # N, C, H, W of the feature map
     boxes: int
     scale: float
     pooled: int
     sampling_ratio: int = 2
-    aligned: bool = True
 
 
-# FPN levels of a Faster R-CNN R50-FPN at 800x1088 input, and the Mask R-CNN mask head.
+# FPN levels of a Faster R-CNN R50-FPN at 800x1088 input, the Mask R-CNN mask head, and an
+# R-FCN head (490 = 10 x 7 x 7 position-sensitive channels at stride 8).
 CASES = [
-    Case("roi_align P2 (1/4), 1000 boxes, 7x7", (2, 256, 200, 272), 1000, 0.25, 7),
-    Case("roi_align P4 (1/16), 1000 boxes, 7x7", (2, 256, 50, 68), 1000, 1 / 16, 7),
-    Case("roi_align mask head P2, 100 boxes, 14x14", (2, 256, 200, 272), 100, 0.25, 14),
+    Case("roi_align", "roi_align P2 (1/4), 1000 boxes, 7x7", (2, 256, 200, 272), 1000, 0.25, 7),
+    Case("roi_align", "roi_align P4 (1/16), 1000 boxes, 7x7", (2, 256, 50, 68), 1000, 1 / 16, 7),
+    Case("roi_align", "roi_align mask head P2, 100 boxes, 14x14", (2, 256, 200, 272), 100, 0.25, 14),
+    Case("roi_pool", "roi_pool P2 (1/4), 1000 boxes, 7x7", (2, 256, 200, 272), 1000, 0.25, 7),
+    Case("ps_roi_align", "ps_roi_align R-FCN (1/8), 300 boxes, 7x7", (2, 490, 100, 136), 300, 1 / 8, 7),
+    Case("ps_roi_pool", "ps_roi_pool R-FCN (1/8), 300 boxes, 7x7", (2, 490, 100, 136), 300, 1 / 8, 7),
 ]
+
+# Forward and backward calls of each op; `aux` is the argmax / channel_mapping the forward made.
+STATEMENTS = {
+    "roi_align": (
+        "torch.ops.torchvision.roi_align(x, rois, s, p, p, sr, True)",
+        "torch.ops.torchvision._roi_align_backward(g, rois, s, p, p, n, c, h, w, sr, True)",
+    ),
+    "roi_pool": (
+        "torch.ops.torchvision.roi_pool(x, rois, s, p, p)",
+        "torch.ops.torchvision._roi_pool_backward(g, rois, aux, s, p, p, n, c, h, w)",
+    ),
+    "ps_roi_align": (
+        "torch.ops.torchvision.ps_roi_align(x, rois, s, p, p, sr)",
+        "torch.ops.torchvision._ps_roi_align_backward(g, rois, aux, s, p, p, sr, n, c, h, w)",
+    ),
+    "ps_roi_pool": (
+        "torch.ops.torchvision.ps_roi_pool(x, rois, s, p, p)",
+        "torch.ops.torchvision._ps_roi_pool_backward(g, rois, aux, s, p, p, n, c, h, w)",
+    ),
+}
 
 
 def proposal_boxes(case: Case, seed: int = 0) -> torch.Tensor:
@@ -79,35 +103,40 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes) -> li
     x32 = torch.randn(case.shape)
     rois = proposal_boxes(case)
     p = case.pooled
-    args = (case.scale, p, p, case.sampling_ratio, case.aligned)
     n, c, h, w = case.shape
-    grad32 = torch.randn(case.boxes, c, p, p)
-    fwd = "torch.ops.torchvision.roi_align(x, rois, *args)"
-    bwd = "torch.ops.torchvision._roi_align_backward(g, rois, *args[:3], n, c, h, w, *args[3:])"
-    # Multiply-adds of the bilinear sampling: 4 per sample, channel and bin.
-    fmas = case.boxes * c * p * p * case.sampling_ratio**2 * 4
+    c_out = c // (p * p) if case.op.startswith("ps_") else c
+    grad32 = torch.randn(case.boxes, c_out, p, p)
+    # Multiply-adds of the bilinear sampling (4 per sample and output element); pooling has none.
+    fmas = case.boxes * c_out * p * p * case.sampling_ratio**2 * 4 if case.op.endswith("align") else 0
     rows = []
-    for direction, stmt in (("forward", fwd), ("backward", bwd)):
+    for direction, stmt in zip(("forward", "backward"), STATEMENTS[case.op], strict=True):
         baseline = None
         for impl in ("torchvision", "ours"):
             for layout in layouts:
                 for dtype in dtypes:
                     if impl == "torchvision" and dtype != torch.float32:
-                        continue  # torchvision's CPU roi_align has no bfloat16 kernel
+                        continue  # torchvision's CPU kernels of these ops have no bfloat16
                     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-                    env = {
-                        "torch": torch,
-                        "x": x32.to(dtype).contiguous(memory_format=fmt),
-                        "g": grad32.to(dtype).contiguous(memory_format=fmt),
-                        "rois": rois,
-                        "args": args,
-                        "n": n,
-                        "c": c,
-                        "h": h,
-                        "w": w,
-                    }
+                    x = x32.to(dtype).contiguous(memory_format=fmt)
+                    fwd_args = (x, rois, case.scale, p, p) + ((case.sampling_ratio,) if "align" in case.op else ())
                     (torchvision_cpu_ext.disable if impl == "torchvision" else torchvision_cpu_ext.enable)()
                     try:
+                        out = getattr(torch.ops.torchvision, case.op)(*fwd_args)
+                        env = {
+                            "torch": torch,
+                            "x": x,
+                            "g": grad32.to(dtype).contiguous(memory_format=fmt),
+                            "aux": out[1] if isinstance(out, tuple) else None,
+                            "rois": rois,
+                            "s": case.scale,
+                            "p": p,
+                            "sr": case.sampling_ratio,
+                            "n": n,
+                            "c": c,
+                            "h": h,
+                            "w": w,
+                        }
+                        del out
                         sec = median_seconds(stmt, env, min_time)
                     finally:
                         torchvision_cpu_ext.enable()
@@ -115,6 +144,7 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes) -> li
                         baseline = sec
                     rows.append(
                         {
+                            "op": case.op,
                             "case": case.name,
                             "direction": direction,
                             "impl": impl,
@@ -123,7 +153,7 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes) -> li
                             "threads": threads,
                             "ms": sec * 1e3,
                             "speedup_vs_torchvision_fp32_nchw": baseline / sec if baseline else None,
-                            "gfma_per_s": fmas / sec / 1e9,
+                            "gfma_per_s": fmas / sec / 1e9 if fmas else None,
                         }
                     )
                     print(
@@ -137,7 +167,7 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes) -> li
 def markdown(meta: dict, rows: list[dict]) -> str:
     lim = meta["limits"]
     out = [
-        "## roi_align: torchvision_cpu_ext vs torchvision",
+        "## torchvision_cpu_ext vs torchvision",
         "",
         f"- CPU: {meta['cpu']}, ATen capability {meta['aten_cpu_capability']}, our variant {meta['isa_variant']}",
         f"- torch {meta['torch']}, torchvision {meta['torchvision']}, Python {meta['python']}",
@@ -152,9 +182,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     ]
     for r in rows:
         sp = r["speedup_vs_torchvision_fp32_nchw"]
+        gfma = "" if r["gfma_per_s"] is None else f"{r['gfma_per_s']:.1f}"
         out.append(
             f"| {r['case']} | {r['direction']} | {r['impl']} | {r['layout']} | {r['dtype']} | {r['threads']} "
-            f"| {r['ms']:.2f} | {sp:.1f}x | {r['gfma_per_s']:.1f} |"
+            f"| {r['ms']:.2f} | {sp:.1f}x | {gfma} |"
         )
     return "\n".join(out) + "\n"
 
@@ -162,11 +193,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="P4 case only, short timing: a smoke run")
+    ap.add_argument("--ops", nargs="+", default=sorted(STATEMENTS), help="ops to run (default: all)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timing per row")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     a = ap.parse_args()
-    cases = CASES[1:2] if a.quick else CASES
+    cases = [c for c in (CASES[1:2] if a.quick else CASES) if c.op in a.ops]
     min_time = a.min_time if a.min_time is not None else (0.2 if a.quick else 1.5)
     t0 = time.time()
     info = torchvision_cpu_ext.info()
@@ -186,12 +218,12 @@ def main() -> None:
             print(f"{case.name} ({threads} thread{'s' if threads > 1 else ''})", flush=True)
             rows += bench_case(case, threads, min_time, ["nchw", "channels_last"], [torch.float32, torch.bfloat16])
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "roi_align.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (a.out / "ops.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = markdown(meta, rows)
-    (a.out / "roi_align.md").write_text(md)
+    (a.out / "ops.md").write_text(md)
     print()
     print(md)
-    print(f"wrote {a.out / 'roi_align.json'} and {a.out / 'roi_align.md'} in {time.time() - t0:.0f} s")
+    print(f"wrote {a.out / 'ops.json'} and {a.out / 'ops.md'} in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
