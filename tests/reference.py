@@ -191,3 +191,41 @@ def ps_roi_align(
                     c_in = (co * ph + i) * pw + j
                     out[k, co, i, j] = acc[c_in] / (gh * gw) if gh * gw else float("nan")
     return out
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """torchvision's nms, one pair at a time, in the boxes' own float type (numpy scalars round
+    every operation to float32 as the C++ does); bf16/fp16 boxes are computed in float32."""
+    import numpy as np
+
+    T = np.float64 if boxes.dtype == torch.float64 else np.float32
+    tdt = torch.float64 if T is np.float64 else torch.float32
+    b = boxes.to(tdt).numpy()
+    s = scores.to(tdt)
+    order = torch.sort(s, descending=True, stable=True).indices.tolist()
+    x1, y1, x2, y2 = (b[:, k] for k in range(4))
+    areas = (x2 - x1) * (y2 - y1)
+
+    def mx(a, c):  # std::max(a, c)
+        return c if a < c else a
+
+    def mn(a, c):  # std::min(a, c)
+        return c if c < a else a
+
+    suppressed = [False] * len(order)
+    keep = []
+    with np.errstate(all="ignore"):
+        for pos, i in enumerate(order):
+            if suppressed[i]:
+                continue
+            keep.append(i)
+            for j in order[pos + 1 :]:
+                if suppressed[j]:
+                    continue
+                w = mx(T(0), mn(x2[i], x2[j]) - mx(x1[i], x1[j]))
+                h = mx(T(0), mn(y2[i], y2[j]) - mx(y1[i], y1[j]))
+                inter = w * h
+                ovr = inter / (areas[i] + areas[j] - inter)
+                if float(ovr) > iou_threshold:
+                    suppressed[j] = True
+    return torch.tensor(keep, dtype=torch.int64)

@@ -18,6 +18,7 @@ SOURCES = [
     "roi_pool_kernel.cpp",
     "ps_roi_align_kernel.cpp",
     "ps_roi_pool_kernel.cpp",
+    "nms_kernel.cpp",
 ]
 
 # -ffp-contract=off: scalar code must round exactly like torchvision's (no silent FMA

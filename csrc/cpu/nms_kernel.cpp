@@ -1,0 +1,174 @@
+// nms for CPU: exact (the same kept indices as torchvision), vectorized and parallel.
+//
+// NOTE [ exact nms ]
+// torchvision sorts the scores (stably, in descending order) and then, for each kept box in
+// that order, suppresses every later box whose IoU with it is > iou_threshold, computing
+//     xx1 = std::max(ix1, x1[j]) ... w = std::max(0, xx2 - xx1) ...
+//     ovr = inter / (iarea + areas[j] - inter)
+// in the boxes' type and comparing the float result with the double threshold. Keeping the
+// same indices for every input, ties and NaN included, takes the same sort call and the same
+// arithmetic, operation for operation:
+// - std::max(a, b) is (a < b) ? b : a and std::min(a, b) is (b < a) ? b : a, which is not what
+//   a SIMD max/min does with NaN; the vector code blends on exactly those comparisons;
+// - no contraction into FMA (the build passes -ffp-contract=off; at::vec's operators are
+//   separate multiplies and adds), the same association of the sums, IEEE division;
+// - for float boxes, ovr > threshold (in double) equals ovr > t, with t the largest float not
+//   above the threshold, so the comparison stays in float lanes without changing any result.
+// Speed: the boxes are copied once into sorted structure-of-arrays form, so one box's IoU
+// against the next 16 (AVX-512) is a few vector operations. Boxes are taken in blocks of 256:
+// the block is resolved greedily on one thread, then its kept boxes suppress all later boxes,
+// split across threads by position; suppression is an OR, so the result does not depend on
+// the split. Small inputs stay on one thread (the grain covers them).
+// bfloat16/half boxes are computed in float (torchvision has no such kernel).
+#include "override.h"
+#include "vec_io.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+
+namespace tvce {
+namespace {
+
+constexpr int64_t kBlock = 256;
+
+template <typename T>
+struct SortedBoxes {
+  std::vector<T> x1, y1, x2, y2, area;
+};
+
+// The float threshold equivalent to comparing with the double one (NOTE [ exact nms ]).
+template <typename T>
+T threshold_as(double t) {
+  if constexpr (std::is_same_v<T, double>) {
+    return t;
+  } else {
+    T f = static_cast<T>(t);
+    if (static_cast<double>(f) > t) {
+      f = std::nextafter(f, -std::numeric_limits<T>::infinity());
+    }
+    return f;
+  }
+}
+
+// Sets supp[j] for j in [j0, j1) whose IoU with box i exceeds thr; exactly torchvision's
+// arithmetic, V boxes at a time.
+template <typename T>
+inline void suppress_against(const SortedBoxes<T>& b, int64_t i, int64_t j0, int64_t j1, T thr, uint8_t* supp) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const Vec ix1(b.x1[i]), iy1(b.y1[i]), ix2(b.x2[i]), iy2(b.y2[i]), iarea(b.area[i]);
+  const Vec zero(T(0)), vthr(thr);
+  for (int64_t j = j0; j < j1; j += V) {
+    const int64_t n = std::min(V, j1 - j);
+    const Vec x1 = Vec::loadu(b.x1.data() + j, n), y1 = Vec::loadu(b.y1.data() + j, n);
+    const Vec x2 = Vec::loadu(b.x2.data() + j, n), y2 = Vec::loadu(b.y2.data() + j, n);
+    const Vec area = Vec::loadu(b.area.data() + j, n);
+    const Vec xx1 = Vec::blendv(ix1, x1, ix1 < x1);  // std::max(ix1, x1)
+    const Vec yy1 = Vec::blendv(iy1, y1, iy1 < y1);
+    const Vec xx2 = Vec::blendv(ix2, x2, x2 < ix2);  // std::min(ix2, x2)
+    const Vec yy2 = Vec::blendv(iy2, y2, y2 < iy2);
+    const Vec dw = xx2 - xx1, dh = yy2 - yy1;
+    const Vec w = Vec::blendv(zero, dw, zero < dw);  // std::max(0, dw)
+    const Vec h = Vec::blendv(zero, dh, zero < dh);
+    const Vec inter = w * h;
+    const Vec ovr = inter / ((iarea + area) - inter);
+    // Bit l of zero_mask() is set where lane l is 0, i.e. where ovr > thr is false.
+    unsigned kill = ~static_cast<unsigned>((ovr > vthr).zero_mask()) & ((1u << n) - 1u);
+    while (kill != 0) {  // usually no bit: most pairs of boxes do not overlap enough
+      supp[j + __builtin_ctz(kill)] = 1;
+      kill &= kill - 1;
+    }
+  }
+}
+
+template <typename T>
+at::Tensor nms_impl(const at::Tensor& dets, const at::Tensor& scores, double iou_threshold) {
+  const int64_t n = dets.size(0);
+  // torchvision 0.29's kernel sorts stably (equal scores in index order): so do we.
+  const at::Tensor order_t = std::get<1>(scores.sort(/*stable=*/true, 0, /*descending=*/true));
+  const at::Tensor d = dets.contiguous();
+  // Areas as torchvision computes them: (x2 - x1) * (y2 - y1), elementwise in T.
+  const at::Tensor areas_t = ((d.select(1, 2) - d.select(1, 0)) * (d.select(1, 3) - d.select(1, 1))).contiguous();
+  const int64_t* order = order_t.const_data_ptr<int64_t>();
+  const T* dp = d.const_data_ptr<T>();
+  const T* ap = areas_t.const_data_ptr<T>();
+  SortedBoxes<T> b;
+  for (auto* v : {&b.x1, &b.y1, &b.x2, &b.y2, &b.area}) {
+    v->resize(n);
+  }
+  for (int64_t s = 0; s < n; ++s) {
+    const int64_t i = order[s];
+    b.x1[s] = dp[4 * i];
+    b.y1[s] = dp[4 * i + 1];
+    b.x2[s] = dp[4 * i + 2];
+    b.y2[s] = dp[4 * i + 3];
+    b.area[s] = ap[i];
+  }
+  const T thr = threshold_as<T>(iou_threshold);
+  std::vector<uint8_t> supp(n, 0);
+  std::vector<int64_t> keep;
+  std::vector<int64_t> kept_in_block;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    kept_in_block.clear();
+    for (int64_t s = b0; s < b1; ++s) {
+      if (supp[s]) {
+        continue;
+      }
+      keep.push_back(order[s]);
+      kept_in_block.push_back(s);
+      suppress_against(b, s, s + 1, b1, thr, supp.data());
+    }
+    if (b1 == n || kept_in_block.empty()) {
+      continue;
+    }
+    // Each later box needs ~|kept| IoUs; keep small tails on this thread.
+    const int64_t grain = std::max<int64_t>(kBlock, at::internal::GRAIN_SIZE / (16 * static_cast<int64_t>(kept_in_block.size())));
+    at::parallel_for(b1, n, grain, [&](int64_t j0, int64_t j1) {
+      for (const int64_t s : kept_in_block) {
+        suppress_against(b, s, j0, j1, thr, supp.data());
+      }
+    });
+  }
+  at::Tensor out = at::empty({static_cast<int64_t>(keep.size())}, dets.options().dtype(at::kLong));
+  std::copy(keep.begin(), keep.end(), out.data_ptr<int64_t>());
+  return out;
+}
+
+at::Tensor nms(const at::Tensor& dets, const at::Tensor& scores, double iou_threshold) {
+  TORCH_CHECK(
+      dets.device().is_cpu() && scores.device().is_cpu(), "nms: boxes and scores must be CPU tensors, got ",
+      dets.device(), " and ", scores.device());
+  TORCH_CHECK(dets.dim() == 2 && dets.size(1) == 4, "nms: boxes must have shape [N, 4], got ", dets.sizes());
+  TORCH_CHECK(scores.dim() == 1, "nms: scores must have shape [N], got ", scores.sizes());
+  TORCH_CHECK(
+      dets.size(0) == scores.size(0), "nms: boxes and scores must have the same length, got ", dets.size(0), " and ",
+      scores.size(0));
+  TORCH_CHECK(
+      dets.scalar_type() == scores.scalar_type(), "nms: boxes and scores must have the same dtype, got ",
+      dets.scalar_type(), " and ", scores.scalar_type());
+  const auto dt = dets.scalar_type();
+  TORCH_CHECK(
+      dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+      "nms: boxes must be float32, float64, bfloat16 or float16, got ", dt);
+  if (dets.size(0) == 0) {
+    return at::empty({0}, dets.options().dtype(at::kLong));
+  }
+  if (dt == at::kDouble) {
+    return nms_impl<double>(dets, scores, iou_threshold);
+  }
+  // bfloat16/half boxes are computed in float.
+  return nms_impl<float>(dets.to(at::kFloat), scores.to(at::kFloat), iou_threshold);
+}
+
+void register_kernels(torch::Library& m) {
+  m.impl("nms", TORCH_FN(nms));
+}
+
+const CpuOverride registrar({"nms"}, &register_kernels);
+
+} // namespace
+} // namespace tvce
