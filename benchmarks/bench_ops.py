@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torchvision
 from torch.utils import benchmark
 
 import torchvision_cpu_ext
@@ -164,6 +165,61 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes) -> li
     return rows
 
 
+def nms_boxes(n: int, crowded: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random boxes (centres uniform in 1000x1000, sides uniform in [1, 201]) or crowded ones
+    (jittered around 40 centres, as proposals around objects), with uniform scores."""
+    g = torch.Generator().manual_seed(seed)
+    if crowded:
+        centres = torch.rand(40, 2, generator=g) * 1000
+        ctr = centres[torch.randint(0, 40, (n,), generator=g)] + torch.randn(n, 2, generator=g) * 8
+        wh = 60 + torch.randn(n, 2, generator=g) * 5
+    else:
+        ctr = torch.rand(n, 2, generator=g) * 1000
+        wh = torch.rand(n, 2, generator=g) * 200 + 1
+    return torch.cat([ctr - wh / 2, ctr + wh / 2], 1), torch.rand(n, generator=g)
+
+
+NMS_CASES = [(1000, False, 0.5), (1000, False, 0.7), (5000, False, 0.7), (20000, False, 0.7), (5000, True, 0.5)]
+
+
+def bench_nms(threads: int, min_time: float) -> list[dict]:
+    torch.set_num_threads(threads)
+    rows = []
+    cases = [(f"nms {n} {'crowded' if c else 'random'} boxes @{t}", n, c, t, None) for n, c, t in NMS_CASES]
+    cases.append(("batched_nms 5000 boxes, 80 classes @0.5", 5000, True, 0.5, 80))
+    for name, n, crowded, thr, classes in cases:
+        boxes, scores = nms_boxes(n, crowded)
+        env = {"torchvision": torchvision, "torch": torch, "b": boxes, "s": scores, "t": thr}
+        if classes:
+            env["i"] = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(1))
+            stmt = "torchvision.ops.batched_nms(b, s, i, t)"
+        else:
+            stmt = "torch.ops.torchvision.nms(b, s, t)"
+        baseline = None
+        for impl in ("torchvision", "ours"):
+            (torchvision_cpu_ext.disable if impl == "torchvision" else torchvision_cpu_ext.enable)()
+            try:
+                sec = median_seconds(stmt, env, min_time)
+            finally:
+                torchvision_cpu_ext.enable()
+            baseline = baseline or sec
+            row = {
+                "op": "nms",
+                "case": name,
+                "direction": "forward",
+                "impl": impl,
+                "layout": "-",
+                "dtype": "float32",
+                "threads": threads,
+                "ms": sec * 1e3,
+                "speedup_vs_torchvision_fp32_nchw": baseline / sec,
+                "gfma_per_s": None,
+            }
+            rows.append(row)
+            print(f"  {name:42s} {impl:11s} {threads}T {sec * 1e3:9.3f} ms  x{baseline / sec:6.1f}", flush=True)
+    return rows
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     lim = meta["limits"]
     out = [
@@ -193,7 +249,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="P4 case only, short timing: a smoke run")
-    ap.add_argument("--ops", nargs="+", default=sorted(STATEMENTS), help="ops to run (default: all)")
+    ap.add_argument("--ops", nargs="+", default=[*sorted(STATEMENTS), "nms"], help="ops to run (default: all)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timing per row")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
@@ -217,6 +273,10 @@ def main() -> None:
         for threads in a.threads:
             print(f"{case.name} ({threads} thread{'s' if threads > 1 else ''})", flush=True)
             rows += bench_case(case, threads, min_time, ["nchw", "channels_last"], [torch.float32, torch.bfloat16])
+    if "nms" in a.ops:
+        for threads in a.threads:
+            print(f"nms ({threads} thread{'s' if threads > 1 else ''})", flush=True)
+            rows += bench_nms(threads, min_time)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "ops.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = markdown(meta, rows)

@@ -1,7 +1,7 @@
 // nms for CPU: exact (the same kept indices as torchvision), vectorized and parallel.
 //
 // NOTE [ exact nms ]
-// torchvision sorts the scores (stably, in descending order) and then, for each kept box in
+// torchvision sorts the scores (stably, descending, NaN first) and then, for each kept box in
 // that order, suppresses every later box whose IoU with it is > iou_threshold, computing
 //     xx1 = std::max(ix1, x1[j]) ... w = std::max(0, xx2 - xx1) ...
 //     ovr = inter / (iarea + areas[j] - inter)
@@ -17,8 +17,9 @@
 // Speed: the boxes are copied once into sorted structure-of-arrays form, so one box's IoU
 // against the next 16 (AVX-512) is a few vector operations. Boxes are taken in blocks of 256:
 // the block is resolved greedily on one thread, then its kept boxes suppress all later boxes,
-// split across threads by position; suppression is an OR, so the result does not depend on
-// the split. Small inputs stay on one thread (the grain covers them).
+// split across threads by position (suppression is an OR, so the result does not depend on
+// the split), and the suppressed ones are compacted away before the next block. Small inputs
+// stay on one thread (the grain covers them).
 // bfloat16/half boxes are computed in float (torchvision has no such kernel).
 #include "override.h"
 #include "vec_io.h"
@@ -26,6 +27,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -84,54 +86,101 @@ inline void suppress_against(const SortedBoxes<T>& b, int64_t i, int64_t j0, int
   }
 }
 
+// torchvision 0.29's kernel orders boxes by a stable descending sort of the scores, whose
+// comparison (ATen's) puts NaN before every number. The same order, as one sort of (score,
+// index) pairs with the index breaking ties: ~4x faster than the tensor sort for 5000 boxes.
+template <typename T>
+std::vector<int64_t> score_order(const T* sp, int64_t n) {
+  struct Entry {
+    T s;
+    int64_t i;
+  };
+  std::vector<Entry> e(n);
+  for (int64_t i = 0; i < n; ++i) {
+    e[i] = {sp[i], i};
+  }
+  std::sort(e.begin(), e.end(), [](const Entry& a, const Entry& b) {
+    const bool an = std::isnan(a.s), bn = std::isnan(b.s);
+    if (an != bn) {
+      return an;
+    }
+    if (!an && a.s != b.s) {
+      return a.s > b.s;
+    }
+    return a.i < b.i;  // equal scores (and -0 == +0, NaN == NaN) keep index order
+  });
+  std::vector<int64_t> order(n);
+  for (int64_t k = 0; k < n; ++k) {
+    order[k] = e[k].i;
+  }
+  return order;
+}
+
 template <typename T>
 at::Tensor nms_impl(const at::Tensor& dets, const at::Tensor& scores, double iou_threshold) {
   const int64_t n = dets.size(0);
-  // torchvision 0.29's kernel sorts stably (equal scores in index order): so do we.
-  const at::Tensor order_t = std::get<1>(scores.sort(/*stable=*/true, 0, /*descending=*/true));
   const at::Tensor d = dets.contiguous();
-  // Areas as torchvision computes them: (x2 - x1) * (y2 - y1), elementwise in T.
-  const at::Tensor areas_t = ((d.select(1, 2) - d.select(1, 0)) * (d.select(1, 3) - d.select(1, 1))).contiguous();
-  const int64_t* order = order_t.const_data_ptr<int64_t>();
+  const at::Tensor sc = scores.contiguous();
+  const std::vector<int64_t> order_v = score_order(sc.const_data_ptr<T>(), n);
+  const int64_t* order = order_v.data();
   const T* dp = d.const_data_ptr<T>();
-  const T* ap = areas_t.const_data_ptr<T>();
+  // Live boxes in score order, as structure of arrays; `pos` maps back to the input index.
   SortedBoxes<T> b;
   for (auto* v : {&b.x1, &b.y1, &b.x2, &b.y2, &b.area}) {
     v->resize(n);
   }
+  std::vector<int64_t> pos(order, order + n);
   for (int64_t s = 0; s < n; ++s) {
-    const int64_t i = order[s];
-    b.x1[s] = dp[4 * i];
-    b.y1[s] = dp[4 * i + 1];
-    b.x2[s] = dp[4 * i + 2];
-    b.y2[s] = dp[4 * i + 3];
-    b.area[s] = ap[i];
+    const T* box = dp + 4 * order[s];
+    b.x1[s] = box[0];
+    b.y1[s] = box[1];
+    b.x2[s] = box[2];
+    b.y2[s] = box[3];
+    b.area[s] = (box[2] - box[0]) * (box[3] - box[1]);  // as torchvision: (x2 - x1) * (y2 - y1)
   }
   const T thr = threshold_as<T>(iou_threshold);
   std::vector<uint8_t> supp(n, 0);
   std::vector<int64_t> keep;
   std::vector<int64_t> kept_in_block;
-  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-    const int64_t b1 = std::min(n, b0 + kBlock);
+  int64_t live = n;
+  for (int64_t b0 = 0; b0 < live; b0 += kBlock) {
+    const int64_t b1 = std::min(live, b0 + kBlock);
     kept_in_block.clear();
     for (int64_t s = b0; s < b1; ++s) {
       if (supp[s]) {
         continue;
       }
-      keep.push_back(order[s]);
+      keep.push_back(pos[s]);
       kept_in_block.push_back(s);
       suppress_against(b, s, s + 1, b1, thr, supp.data());
     }
-    if (b1 == n || kept_in_block.empty()) {
+    if (b1 == live || kept_in_block.empty()) {
       continue;
     }
     // Each later box needs ~|kept| IoUs; keep small tails on this thread.
-    const int64_t grain = std::max<int64_t>(kBlock, at::internal::GRAIN_SIZE / (16 * static_cast<int64_t>(kept_in_block.size())));
-    at::parallel_for(b1, n, grain, [&](int64_t j0, int64_t j1) {
+    const int64_t grain =
+        std::max<int64_t>(kBlock, at::internal::GRAIN_SIZE / (16 * static_cast<int64_t>(kept_in_block.size())));
+    at::parallel_for(b1, live, grain, [&](int64_t j0, int64_t j1) {
       for (const int64_t s : kept_in_block) {
         suppress_against(b, s, j0, j1, thr, supp.data());
       }
     });
+    // Drop the boxes this block suppressed, so later blocks scan only live ones (crowded
+    // inputs lose most boxes to the first few kept ones). Order is kept, so is the result.
+    int64_t w = b1;
+    for (int64_t r = b1; r < live; ++r) {
+      if (!supp[r]) {
+        b.x1[w] = b.x1[r];
+        b.y1[w] = b.y1[r];
+        b.x2[w] = b.x2[r];
+        b.y2[w] = b.y2[r];
+        b.area[w] = b.area[r];
+        pos[w] = pos[r];
+        supp[w] = 0;
+        ++w;
+      }
+    }
+    live = w;
   }
   at::Tensor out = at::empty({static_cast<int64_t>(keep.size())}, dets.options().dtype(at::kLong));
   std::copy(keep.begin(), keep.end(), out.data_ptr<int64_t>());
