@@ -161,3 +161,41 @@ def test_property_matches_reference(boxes, scores, thr):
     assert torch.equal(ours, ref_nms(b, s, thr))
     if NATIVE:
         assert torch.equal(ours, torchvision_nms(b, s, thr))
+
+
+@pytest.mark.parametrize("n", [1200, 5000])
+def test_batched_nms_large_path_is_identical(n, threads):
+    """Above 4000 coordinates torchvision loops over classes in Python (_batched_nms_vanilla);
+    ours replaces that loop and must return the very same tensor."""
+    import torchvision.ops.boxes as tv_boxes
+
+    boxes, scores = random_case(n, 7, crowded=True, ties=True, special=False)
+    idxs = torch.randint(0, 80, (n,), generator=torch.Generator().manual_seed(3))
+    assert tv_boxes._batched_nms_vanilla.__module__ == "torchvision_cpu_ext.ops.nms"
+    ours = batched_nms(boxes, scores, idxs, 0.5)
+    if NATIVE:
+        torchvision_cpu_ext.disable()
+    try:
+        if NATIVE:
+            assert tv_boxes._batched_nms_vanilla.__module__ == "torchvision.ops.boxes"
+        expected = torch.zeros(n, dtype=torch.bool)
+        for c in torch.unique(idxs):
+            members = torch.where(idxs == c)[0]
+            expected[members[ref_nms(boxes[members], scores[members], 0.5)]] = True
+        kept = torch.where(expected)[0]
+        expected_order = kept[scores[kept].sort(descending=True)[1]]
+        assert torch.equal(ours, expected_order)
+        if NATIVE:
+            assert torch.equal(ours, batched_nms(boxes, scores, idxs, 0.5))
+    finally:
+        torchvision_cpu_ext.enable()
+
+
+def test_batched_nms_keep_mask_opcheck_and_errors():
+    boxes, scores = random_case(60, 2, crowded=True, ties=False, special=False)
+    idxs = torch.randint(0, 4, (60,))
+    torch.library.opcheck(
+        torch.ops.torchvision_cpu_ext._batched_nms_keep_mask, (boxes, scores, idxs, 0.5), test_utils="test_faketensor"
+    )
+    with pytest.raises(RuntimeError, match="idxs must be an integer tensor of shape"):
+        torch.ops.torchvision_cpu_ext._batched_nms_keep_mask(boxes, scores, idxs.float(), 0.5)

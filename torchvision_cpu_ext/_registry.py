@@ -220,6 +220,7 @@ def disable() -> None:
         return
     torch.ops.torchvision_cpu_ext._set_cpu_override(False)
     lib._destroy()
+    _ops.unregister_all()
     _state["py_lib"] = None
 
 

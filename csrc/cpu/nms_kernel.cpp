@@ -213,6 +213,55 @@ at::Tensor nms(const at::Tensor& dets, const at::Tensor& scores, double iou_thre
   return nms_impl<float>(dets.to(at::kFloat), scores.to(at::kFloat), iou_threshold);
 }
 
+// The keep mask of torchvision's _batched_nms_vanilla (nms on each class on its own) in one
+// call: the classes' index lists are built in one pass, in index order as torch.where gives
+// them, and the classes run in parallel (each writes only its own boxes' entries).
+at::Tensor batched_nms_keep_mask(
+    const at::Tensor& boxes,
+    const at::Tensor& scores,
+    const at::Tensor& idxs,
+    double iou_threshold) {
+  constexpr const char* op = "batched_nms";
+  TORCH_CHECK(
+      idxs.dim() == 1 && idxs.size(0) == scores.size(0) && !at::isFloatingType(idxs.scalar_type()), op,
+      ": idxs must be an integer tensor of shape [N] = [", scores.size(0), "], got ", idxs.scalar_type(), " ",
+      idxs.sizes());
+  at::Tensor mask = at::zeros({scores.size(0)}, scores.options().dtype(at::kBool));
+  if (scores.size(0) == 0) {
+    return mask;
+  }
+  const at::Tensor idx = idxs.to(at::kLong).contiguous();
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  std::vector<std::pair<int64_t, int64_t>> by_class(idx.size(0));  // (class, index), sorted
+  for (int64_t i = 0; i < idx.size(0); ++i) {
+    by_class[i] = {ip[i], i};
+  }
+  std::sort(by_class.begin(), by_class.end());
+  std::vector<int64_t> starts;
+  for (int64_t i = 0; i < static_cast<int64_t>(by_class.size()); ++i) {
+    if (i == 0 || by_class[i].first != by_class[i - 1].first) {
+      starts.push_back(i);
+    }
+  }
+  starts.push_back(static_cast<int64_t>(by_class.size()));
+  bool* mp = mask.data_ptr<bool>();
+  at::parallel_for(0, static_cast<int64_t>(starts.size()) - 1, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      std::vector<int64_t> members;
+      for (int64_t k = starts[g]; k < starts[g + 1]; ++k) {
+        members.push_back(by_class[k].second);
+      }
+      const at::Tensor sel = at::from_blob(members.data(), {static_cast<int64_t>(members.size())}, at::kLong);
+      const at::Tensor keep = nms(boxes.index_select(0, sel), scores.index_select(0, sel), iou_threshold);
+      const int64_t* kp = keep.const_data_ptr<int64_t>();
+      for (int64_t k = 0; k < keep.size(0); ++k) {
+        mp[members[kp[k]]] = true;
+      }
+    }
+  });
+  return mask;
+}
+
 void register_kernels(torch::Library& m) {
   m.impl("nms", TORCH_FN(nms));
 }
@@ -221,3 +270,11 @@ const CpuOverride registrar({"nms"}, &register_kernels);
 
 } // namespace
 } // namespace tvce
+
+TORCH_LIBRARY_FRAGMENT(torchvision_cpu_ext, m) {
+  m.def("_batched_nms_keep_mask(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(torchvision_cpu_ext, CPU, m) {
+  m.impl("_batched_nms_keep_mask", TORCH_FN(tvce::batched_nms_keep_mask));
+}

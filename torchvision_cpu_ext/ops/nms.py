@@ -1,0 +1,52 @@
+"""nms: torchvision's batched_nms path for large inputs on one C++ call.
+
+The nms kernel itself is csrc/cpu/nms_kernel.cpp (torchvision's own fake kernel and autocast
+rule serve it: boxes go to fp32 under autocast). On CPU, torchvision.ops.batched_nms runs
+`_batched_nms_vanilla` above 4000 box coordinates: a Python loop calling nms once per class,
+where the per-call overhead dominates (80 classes, 5000 boxes). While the override is on,
+that function is replaced by one that computes the same keep mask in a single call (per-class
+nms in C++, classes in parallel) and then orders it with the same tensor sort, so its result
+is identical. torchvision's detection models and detectron2 call it through
+torchvision.ops.boxes, where it is looked up at call time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_state: dict[str, object] = {"original": None, "fake_registered": False}
+
+
+def batched_nms_vanilla(
+    boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    original = _state["original"]
+    if boxes.device.type != "cpu" or idxs.is_floating_point() or original is None:
+        return original(boxes, scores, idxs, iou_threshold)  # type: ignore[operator]
+    keep_mask = torch.ops.torchvision_cpu_ext._batched_nms_keep_mask(boxes, scores, idxs, iou_threshold)
+    keep_indices = torch.where(keep_mask)[0]
+    return keep_indices[scores[keep_indices].sort(descending=True)[1]]
+
+
+def _fake_keep_mask(boxes, scores, idxs, iou_threshold):
+    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+
+
+def register(lib: torch.library.Library) -> None:
+    if not _state["fake_registered"]:
+        torch.library.register_fake("torchvision_cpu_ext::_batched_nms_keep_mask", _fake_keep_mask)
+        _state["fake_registered"] = True
+    # Imported here: in the fallback mode torchvision may only be imported once its ops exist.
+    import torchvision.ops.boxes as tv_boxes
+
+    if _state["original"] is None:
+        _state["original"] = tv_boxes._batched_nms_vanilla
+        tv_boxes._batched_nms_vanilla = batched_nms_vanilla
+
+
+def unregister() -> None:
+    import torchvision.ops.boxes as tv_boxes
+
+    if _state["original"] is not None:
+        tv_boxes._batched_nms_vanilla = _state["original"]
+        _state["original"] = None
