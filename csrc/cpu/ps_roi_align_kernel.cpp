@@ -42,10 +42,7 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_align_forward(
   const int64_t K = rois.size(0), N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const int64_t PH = pooled_height, PW = pooled_width;
   const int64_t Cout = detail::ps_channels_out(kOp, C, PH, PW);
-  const auto fmt = input.suggest_memory_format();
-  TORCH_CHECK(
-      fmt == at::MemoryFormat::Contiguous || fmt == at::MemoryFormat::ChannelsLast, kOp,
-      ": unsupported memory format ", fmt, "; expected Contiguous or ChannelsLast");
+  const auto fmt = detail::layout_of(kOp, input);
   at::Tensor output = at::empty({K, Cout, PH, PW}, input.options().memory_format(fmt));
   at::Tensor mapping = at::empty_like(output, output.options().dtype(at::kInt));
   if (output.numel() == 0) {
@@ -109,25 +106,14 @@ at::Tensor ps_roi_align_backward(
   detail::check_roi_inputs(op, grad, rois);
   detail::check_pooled_size(op, pooled_height, pooled_width);
   const int64_t PH = pooled_height, PW = pooled_width;
-  TORCH_CHECK(
-      batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0, op,
-      ": input shape (batch_size, channels, height, width) must be non-negative, got (", batch_size, ", ",
-      channels, ", ", height, ", ", width, ")");
+  detail::check_input_shape(op, batch_size, channels, height, width);
   const int64_t Cout = detail::ps_channels_out(op, channels, PH, PW);
   const int64_t K = rois.size(0);
-  TORCH_CHECK(
-      grad.size(0) == K && grad.size(1) == Cout && grad.size(2) == PH && grad.size(3) == PW, op,
-      ": grad must have shape [K, channels / (pooled_height * pooled_width), pooled_height, pooled_width] = [",
-      K, ", ", Cout, ", ", PH, ", ", PW, "], got ", grad.sizes());
+  detail::check_grad_shape(op, grad, K, Cout, PH, PW);
   detail::check_channel_mapping(op, channel_mapping, grad, PH, PW);
-  const auto fmt = grad.suggest_memory_format();
-  TORCH_CHECK(
-      fmt == at::MemoryFormat::Contiguous || fmt == at::MemoryFormat::ChannelsLast, op,
-      ": unsupported memory format ", fmt, "; expected Contiguous or ChannelsLast");
+  const auto fmt = detail::layout_of(op, grad);
   const auto acc_type = at::toOpMathType(grad.scalar_type());
-  at::Tensor grad_in = at::empty({batch_size, channels, height, width}, grad.options().dtype(acc_type).memory_format(fmt));
-  advise_huge_pages(grad_in);
-  grad_in.zero_();
+  at::Tensor grad_in = detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt);
   if (grad.numel() == 0 || grad_in.numel() == 0) {
     return grad_in.to(grad.scalar_type());
   }

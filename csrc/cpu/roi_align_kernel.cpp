@@ -378,7 +378,7 @@ at::Tensor roi_align_forward(
     bool aligned) {
   detail::check_roi_inputs(kOp, input, rois);
   detail::check_pooled_size(kOp, pooled_height, pooled_width);
-  const auto fmt = input.suggest_memory_format();
+  const auto fmt = detail::layout_of(kOp, input);
   const int64_t K = rois.size(0), C = input.size(1);
   at::Tensor output = at::empty({K, C, pooled_height, pooled_width}, input.options().memory_format(fmt));
   if (output.numel() == 0) {
@@ -389,22 +389,16 @@ at::Tensor roi_align_forward(
   const at::Tensor r = detail::rois_as(rois, at::toOpMathType(input.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "roi_align_forward", [&] {
     using acc_t = opmath_t<scalar_t>;
-    switch (fmt) {
-      case at::MemoryFormat::ChannelsLast:
-        forward_channels_last<scalar_t>(in, r, output, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
-        break;
-      case at::MemoryFormat::Contiguous: {
-        const auto S = detail::build_all_roi_sampling<acc_t>(
-            r, in.size(0), in.size(2), in.size(3), spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
-        if (use_blocked_nchw(S, in.size(0), in.size(2), in.size(3), pooled_height, pooled_width)) {
-          forward_nchw_blocked<scalar_t>(in, S, output, pooled_height, pooled_width);
-        } else {
-          forward_nchw_direct<scalar_t>(in, S, output, pooled_height, pooled_width);
-        }
-        break;
-      }
-      default:
-        TORCH_CHECK(false, kOp, ": unsupported memory format ", fmt, "; expected Contiguous or ChannelsLast");
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      forward_channels_last<scalar_t>(in, r, output, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
+      return;
+    }
+    const auto S = detail::build_all_roi_sampling<acc_t>(
+        r, in.size(0), in.size(2), in.size(3), spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
+    if (use_blocked_nchw(S, in.size(0), in.size(2), in.size(3), pooled_height, pooled_width)) {
+      forward_nchw_blocked<scalar_t>(in, S, output, pooled_height, pooled_width);
+    } else {
+      forward_nchw_direct<scalar_t>(in, S, output, pooled_height, pooled_width);
     }
   });
   return output;
@@ -425,21 +419,11 @@ at::Tensor roi_align_backward(
   constexpr const char* op = "_roi_align_backward";
   detail::check_roi_inputs(op, grad, rois);
   detail::check_pooled_size(op, pooled_height, pooled_width);
-  TORCH_CHECK(
-      batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0, op,
-      ": input shape (batch_size, channels, height, width) must be non-negative, got (", batch_size, ", ",
-      channels, ", ", height, ", ", width, ")");
-  TORCH_CHECK(
-      grad.size(0) == rois.size(0) && grad.size(1) == channels && grad.size(2) == pooled_height &&
-          grad.size(3) == pooled_width,
-      op, ": grad must have shape [K, channels, pooled_height, pooled_width] = [", rois.size(0), ", ", channels,
-      ", ", pooled_height, ", ", pooled_width, "], got ", grad.sizes());
+  detail::check_input_shape(op, batch_size, channels, height, width);
+  detail::check_grad_shape(op, grad, rois.size(0), channels, pooled_height, pooled_width);
   // The forward returns channels_last output for channels_last input, so the gradient's
   // layout tells which layout the input had.
-  const auto fmt = grad.suggest_memory_format();
-  TORCH_CHECK(
-      fmt == at::MemoryFormat::Contiguous || fmt == at::MemoryFormat::ChannelsLast, op,
-      ": unsupported memory format ", fmt, "; expected Contiguous or ChannelsLast");
+  const auto fmt = detail::layout_of(op, grad);
   at::Tensor grad_in = at::empty({batch_size, channels, height, width}, grad.options().memory_format(fmt));
   if (grad_in.numel() == 0) {
     return grad_in;

@@ -16,8 +16,11 @@
 // The tables are tiny (a few dozen entries per ROI) and are computed once per ROI, then
 // shared by every channel.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+
+#include "memory.h"
 
 #include <algorithm>
 #include <cmath>
@@ -380,6 +383,38 @@ inline int64_t ps_channels_out(const char* op, int64_t channels, int64_t PH, int
       PH > 0 && PW > 0 && channels % (PH * PW) == 0, op, ": input channels (", channels,
       ") must be a multiple of pooled_height * pooled_width (", PH, " * ", PW, ")");
   return channels / (PH * PW);
+}
+
+// The layout a kernel runs in: the tensor's suggested memory format, of the two supported.
+inline at::MemoryFormat layout_of(const char* op, const at::Tensor& t) {
+  const auto fmt = t.suggest_memory_format();
+  TORCH_CHECK(
+      fmt == at::MemoryFormat::Contiguous || fmt == at::MemoryFormat::ChannelsLast, op, ": unsupported memory format ",
+      fmt, "; expected Contiguous or ChannelsLast");
+  return fmt;
+}
+
+// A zeroed grad_input accumulator in the opmath type and `fmt` (huge pages when large).
+inline at::Tensor zeroed_grad_input(const at::Tensor& grad, int64_t N, int64_t C, int64_t H, int64_t W, at::MemoryFormat fmt) {
+  at::Tensor g = at::empty({N, C, H, W}, grad.options().dtype(at::toOpMathType(grad.scalar_type())).memory_format(fmt));
+  advise_huge_pages(g);
+  return g.zero_();
+}
+
+// The input shape a backward op is given, checked.
+inline void check_input_shape(const char* op, int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
+  TORCH_CHECK(
+      batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0, op,
+      ": input shape (batch_size, channels, height, width) must be non-negative, got (", batch_size, ", ", channels,
+      ", ", height, ", ", width, ")");
+}
+
+// grad must be [K, output channels, pooled_height, pooled_width], the forward's output shape.
+inline void check_grad_shape(const char* op, const at::Tensor& grad, int64_t K, int64_t channels, int64_t PH, int64_t PW) {
+  TORCH_CHECK(
+      grad.dim() == 4 && grad.size(0) == K && grad.size(1) == channels && grad.size(2) == PH && grad.size(3) == PW, op,
+      ": grad must have shape [", K, ", ", channels, ", ", PH, ", ", PW,
+      "] (rois, output channels, pooled_height, pooled_width), got ", grad.sizes());
 }
 
 inline void check_pooled_size(const char* op, int64_t pooled_height, int64_t pooled_width) {

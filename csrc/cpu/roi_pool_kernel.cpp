@@ -215,10 +215,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward(
     int64_t pooled_width) {
   detail::check_roi_inputs(kOp, input, rois);
   detail::check_pooled_size(kOp, pooled_height, pooled_width);
-  const auto fmt = input.suggest_memory_format();
-  TORCH_CHECK(
-      fmt == at::MemoryFormat::Contiguous || fmt == at::MemoryFormat::ChannelsLast, kOp,
-      ": unsupported memory format ", fmt, "; expected Contiguous or ChannelsLast");
+  const auto fmt = detail::layout_of(kOp, input);
   const int64_t K = rois.size(0), N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   at::Tensor output = at::empty({K, C, pooled_height, pooled_width}, input.options().memory_format(fmt));
   at::Tensor argmax = at::empty_like(output, output.options().dtype(at::kInt));
@@ -266,27 +263,15 @@ at::Tensor roi_pool_backward(
   constexpr const char* op = "_roi_pool_backward";
   detail::check_roi_inputs(op, grad, rois);
   detail::check_pooled_size(op, pooled_height, pooled_width);
-  TORCH_CHECK(
-      batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0, op,
-      ": input shape (batch_size, channels, height, width) must be non-negative, got (", batch_size, ", ",
-      channels, ", ", height, ", ", width, ")");
-  TORCH_CHECK(
-      grad.size(0) == rois.size(0) && grad.size(1) == channels && grad.size(2) == pooled_height &&
-          grad.size(3) == pooled_width,
-      op, ": grad must have shape [K, channels, pooled_height, pooled_width] = [", rois.size(0), ", ", channels,
-      ", ", pooled_height, ", ", pooled_width, "], got ", grad.sizes());
+  detail::check_input_shape(op, batch_size, channels, height, width);
+  detail::check_grad_shape(op, grad, rois.size(0), channels, pooled_height, pooled_width);
   TORCH_CHECK(
       argmax.scalar_type() == at::kInt && argmax.sizes() == grad.sizes() && argmax.device().is_cpu(), op,
       ": argmax must be the int32 CPU tensor roi_pool returned, of grad's shape ", grad.sizes(), ", got ",
       argmax.scalar_type(), " ", argmax.sizes());
-  const auto fmt = grad.suggest_memory_format();
-  TORCH_CHECK(
-      fmt == at::MemoryFormat::Contiguous || fmt == at::MemoryFormat::ChannelsLast, op,
-      ": unsupported memory format ", fmt, "; expected Contiguous or ChannelsLast");
+  const auto fmt = detail::layout_of(op, grad);
   const auto acc_type = at::toOpMathType(grad.scalar_type());
-  at::Tensor grad_in = at::empty({batch_size, channels, height, width}, grad.options().dtype(acc_type).memory_format(fmt));
-  advise_huge_pages(grad_in);
-  grad_in.zero_();
+  at::Tensor grad_in = detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt);
   if (grad.numel() == 0 || grad_in.numel() == 0) {
     return grad_in.to(grad.scalar_type());
   }

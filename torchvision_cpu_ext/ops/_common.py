@@ -50,6 +50,23 @@ def empty_like_layout(like: torch.Tensor, shape, dtype: torch.dtype | None = Non
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=suggest_memory_format(like))
 
 
+def pooled_with_indices(
+    op: str, input: torch.Tensor, rois: torch.Tensor, channels: int, pooled_height: int, pooled_width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake outputs of roi_pool and the position-sensitive ops: values and their int32 indices."""
+    check_roi_inputs(op, input, rois)
+    shape = (rois.size(0), channels, pooled_height, pooled_width)
+    return empty_like_layout(input, shape), empty_like_layout(input, shape, torch.int32)
+
+
+def grad_input_like(
+    op: str, grad: torch.Tensor, rois: torch.Tensor, batch_size: int, channels: int, height: int, width: int
+) -> torch.Tensor:
+    """Fake output of every `_..._backward` op: grad_input in grad's memory format."""
+    check_roi_dtypes(op, grad, rois)
+    return empty_like_layout(grad, (batch_size, channels, height, width))
+
+
 def autocast_rule(op: str) -> Callable[..., object]:
     """AutocastCPU rule of a RoI op: the input keeps its dtype (a bf16 feature map stays bf16,
     where torchvision's rule casts it to fp32 and back), rois go to fp32 (bf16 cannot hold

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from ._common import autocast_rule, check_roi_dtypes, check_roi_inputs, empty_like_layout, ps_channels_out
+from ._common import autocast_rule, grad_input_like, pooled_with_indices, ps_channels_out
 
 
 def meta_ps_roi_pool(
     input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, pooled_height: int, pooled_width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_roi_inputs("ps_roi_pool", input, rois)
     c_out = ps_channels_out("ps_roi_pool", input.size(1), pooled_height, pooled_width)
-    shape = (rois.size(0), c_out, pooled_height, pooled_width)
-    return empty_like_layout(input, shape), empty_like_layout(input, shape, torch.int32)
+    return pooled_with_indices("ps_roi_pool", input, rois, c_out, pooled_height, pooled_width)
 
 
 def meta_ps_roi_pool_backward(
@@ -32,8 +30,7 @@ def meta_ps_roi_pool_backward(
     height: int,
     width: int,
 ) -> torch.Tensor:
-    check_roi_dtypes("_ps_roi_pool_backward", grad, rois)
-    return empty_like_layout(grad, (batch_size, channels, height, width))
+    return grad_input_like("_ps_roi_pool_backward", grad, rois, batch_size, channels, height, width)
 
 
 def register(lib: torch.library.Library) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import autocast_rule, check_roi_dtypes, check_roi_inputs, empty_like_layout
+from ._common import autocast_rule, check_roi_inputs, empty_like_layout, grad_input_like
 
 
 def meta_roi_align(
@@ -38,8 +38,7 @@ def meta_roi_align_backward(
     sampling_ratio: int,
     aligned: bool,
 ) -> torch.Tensor:
-    check_roi_dtypes("_roi_align_backward", grad, rois)
-    return empty_like_layout(grad, (batch_size, channels, height, width))
+    return grad_input_like("_roi_align_backward", grad, rois, batch_size, channels, height, width)
 
 
 def register(lib: torch.library.Library) -> None:

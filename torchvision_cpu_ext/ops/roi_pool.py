@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from ._common import autocast_rule, check_roi_dtypes, check_roi_inputs, empty_like_layout
+from ._common import autocast_rule, grad_input_like, pooled_with_indices
 
 
 def meta_roi_pool(
     input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, pooled_height: int, pooled_width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_roi_inputs("roi_pool", input, rois)
-    shape = (rois.size(0), input.size(1), pooled_height, pooled_width)
-    return empty_like_layout(input, shape), empty_like_layout(input, shape, torch.int32)
+    return pooled_with_indices("roi_pool", input, rois, input.size(1), pooled_height, pooled_width)
 
 
 def meta_roi_pool_backward(
@@ -31,8 +29,7 @@ def meta_roi_pool_backward(
     height: int,
     width: int,
 ) -> torch.Tensor:
-    check_roi_dtypes("_roi_pool_backward", grad, rois)
-    return empty_like_layout(grad, (batch_size, channels, height, width))
+    return grad_input_like("_roi_pool_backward", grad, rois, batch_size, channels, height, width)
 
 
 def register(lib: torch.library.Library) -> None:
