@@ -245,7 +245,11 @@ at::Tensor batched_nms_keep_mask(
   }
   starts.push_back(static_cast<int64_t>(by_class.size()));
   bool* mp = mask.data_ptr<bool>();
-  at::parallel_for(0, static_cast<int64_t>(starts.size()) - 1, 1, [&](int64_t g0, int64_t g1) {
+  const int64_t groups = static_cast<int64_t>(starts.size()) - 1;
+  // Per class: ~(size^2 / 16) vector IoUs plus a few small tensor ops (~2000 operations).
+  const int64_t size = idx.size(0) / groups;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (size * size / 16 + 2000));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       std::vector<int64_t> members;
       for (int64_t k = starts[g]; k < starts[g + 1]; ++k) {

@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_align_forward(
     const scalar_t* ip = in.const_data_ptr<scalar_t>();
     scalar_t* op = output.data_ptr<scalar_t>();
     int32_t* mp = mapping.data_ptr<int32_t>();
-    at::parallel_for(0, K * Cout, 1 + at::internal::GRAIN_SIZE / (PH * PW * 16), [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, K * Cout, detail::grain_for(PH * PW * 9), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t k = i / Cout, co = i % Cout;
         const RoiSampling<acc_t>& s = S[k];
@@ -129,7 +129,7 @@ at::Tensor ps_roi_align_backward(
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     acc_t* gi = grad_in.data_ptr<acc_t>();
     // Threads own input channels: see NOTE [ position-sensitive layouts ].
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, detail::grain_for(K * 9), [&](int64_t c0, int64_t c1) {
       for (int64_t ci = c0; ci < c1; ++ci) {
         const int64_t co = ci / (PH * PW), ph = (ci / PW) % PH, pw = ci % PW;
         for (int64_t k = 0; k < K; ++k) {

@@ -129,8 +129,7 @@ void forward_channels_last(
   scalar_t* out = output.data_ptr<scalar_t>();
   const acc_t* r = rois_acc.const_data_ptr<acc_t>();
   // ~9 pixel reads per bin and channel.
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, C * PH * PW * 9));
-  at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, K, detail::grain_for(C * PH * PW * 9), [&](int64_t k0, int64_t k1) {
     RoiSampling<acc_t> s;
     for (int64_t k = k0; k < k1; ++k) {
       detail::build_roi_sampling<acc_t>(
@@ -182,7 +181,8 @@ void forward_nchw_blocked(
   scalar_t* out = output.data_ptr<scalar_t>();
   const auto per_image = detail::rois_per_image(S, N);
   const int64_t blocks = (C + V - 1) / V;
-  at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t work = (H * W + static_cast<int64_t>(S.size()) / std::max<int64_t>(N, 1) * PH * PW * 9) * V;
+  at::parallel_for(0, N * blocks, detail::grain_for(work), [&](int64_t t0, int64_t t1) {
     // Lanes past the last channel stay zero; they are computed and never stored.
     std::vector<scalar_t> pixels(H * W * V, scalar_t(0));
     scalar_t lanes[V];
@@ -223,9 +223,8 @@ void forward_nchw_direct(
   const int64_t K = static_cast<int64_t>(S.size());
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, PH * PW * 9));
   // Channel-major over (channel, ROI), so a plane stays in cache for all its ROIs.
-  at::parallel_for(0, C * K, grain, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, C * K, detail::grain_for(PH * PW * 9), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t c = i / K, k = i % K;
       const RoiSampling<acc_t>& s = S[k];
@@ -266,7 +265,8 @@ void backward_channels_last_inplace(
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   scalar_t* gi = grad_in.data_ptr<scalar_t>();
   const int64_t blocks = (C + V - 1) / V;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t work = static_cast<int64_t>(S.size()) * PH * PW * 9 * V;
+  at::parallel_for(0, blocks, detail::grain_for(work), [&](int64_t b0, int64_t b1) {
     const int64_t c_end = std::min(C, b1 * V);
     for (int64_t k = 0; k < static_cast<int64_t>(S.size()); ++k) {
       const auto& s = S[k];
@@ -312,7 +312,8 @@ void backward_blocked(
   scalar_t* gi = grad_in.data_ptr<scalar_t>();
   const auto per_image = detail::rois_per_image(S, N);
   const int64_t blocks = (C + V - 1) / V;
-  at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t work = (HW + static_cast<int64_t>(S.size()) / std::max<int64_t>(N, 1) * PH * PW * 9) * V;
+  at::parallel_for(0, N * blocks, detail::grain_for(work), [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> pixels(HW * V);
     acc_t lanes[V];
     for (int64_t t = t0; t < t1; ++t) {

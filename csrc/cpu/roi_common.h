@@ -286,6 +286,12 @@ std::vector<PoolBins> build_all_pool_bins(const at::Tensor& rois_acc, int64_t ba
   return out;
 }
 
+// at::parallel_for grain for items of about `work` elementary operations each: small problems
+// stay on one thread, where a parallel region would cost more than it saves.
+inline int64_t grain_for(int64_t work) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work));
+}
+
 // ROI indices per image, in ROI order (the order every accumulation follows).
 template <typename Roi>
 std::vector<std::vector<int64_t>> rois_per_image(const std::vector<Roi>& S, int64_t N) {

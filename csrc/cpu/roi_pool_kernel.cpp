@@ -111,7 +111,8 @@ void forward_channels_last(
   scalar_t* out = output.data_ptr<scalar_t>();
   int32_t* am = argmax.data_ptr<int32_t>();
   const int64_t Cpad = (C + V - 1) / V * V;
-  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+  // At least one pixel per bin and channel (usually many).
+  at::parallel_for(0, K, detail::grain_for(C * PH * PW), [&](int64_t k0, int64_t k1) {
     std::vector<acc_t> m(Cpad), arg(Cpad);
     for (int64_t k = k0; k < k1; ++k) {
       const auto& b = B[k];
@@ -143,7 +144,8 @@ void forward_nchw_blocked(
   int32_t* am = argmax.data_ptr<int32_t>();
   const auto per_image = detail::rois_per_image(B, N);
   const int64_t blocks = (C + V - 1) / V;
-  at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t work = (H * W + static_cast<int64_t>(B.size()) / std::max<int64_t>(N, 1) * PH * PW) * V;
+  at::parallel_for(0, N * blocks, detail::grain_for(work), [&](int64_t t0, int64_t t1) {
     std::vector<scalar_t> pixels(H * W * V, scalar_t(0));
     acc_t m[V], arg[V];
     for (int64_t t = t0; t < t1; ++t) {
@@ -180,7 +182,7 @@ void forward_nchw_direct(
   scalar_t* out = output.data_ptr<scalar_t>();
   int32_t* am = argmax.data_ptr<int32_t>();
   // Channel-major over (channel, ROI), so a plane stays in cache for all its ROIs.
-  at::parallel_for(0, C * K, 16, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, C * K, detail::grain_for(PH * PW), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t c = i / K, k = i % K;
       const auto& b = B[k];
@@ -293,7 +295,7 @@ at::Tensor roi_pool_backward(
     const bool cl = fmt == at::MemoryFormat::ChannelsLast;
     // Threads own channels (whole cache lines of them in channels_last): see NOTE [ roi_pool ].
     const int64_t unit = cl ? V : 1;
-    at::parallel_for(0, (C + unit - 1) / unit, 1, [&](int64_t u0, int64_t u1) {
+    at::parallel_for(0, (C + unit - 1) / unit, detail::grain_for(K * P * unit), [&](int64_t u0, int64_t u1) {
       const int64_t c0 = u0 * unit, c1 = std::min(C, u1 * unit);
       for (int64_t k = 0; k < K; ++k) {
         for (int64_t p = 0; p < P; ++p) {
