@@ -120,6 +120,7 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes) -> li
                     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
                     x = x32.to(dtype).contiguous(memory_format=fmt)
                     fwd_args = (x, rois, case.scale, p, p) + ((case.sampling_ratio,) if "align" in case.op else ())
+                    fwd_args += (True,) if case.op == "roi_align" else ()  # aligned
                     (torchvision_cpu_ext.disable if impl == "torchvision" else torchvision_cpu_ext.enable)()
                     try:
                         out = getattr(torch.ops.torchvision, case.op)(*fwd_args)
