@@ -66,6 +66,7 @@ def test_disable_gives_torchvision_kernels_back():
         assert not torchvision_cpu_ext.is_enabled()
         for op in OURS:
             assert cpu_kernel_owner(op) == "torchvision"
+        assert set(torchvision_cpu_ext.info()["python"].values()) == {"torchvision"}
         with pytest.raises(RuntimeError, match="BFloat16"):
             roi_align(x.bfloat16(), rois.bfloat16(), 2)
         # torchvision's fake kernel is back too: it rejects fp32 rois with bf16 input.
@@ -76,6 +77,7 @@ def test_disable_gives_torchvision_kernels_back():
         torchvision_cpu_ext.enable()
     torchvision_cpu_ext.enable()  # idempotent
     assert all(cpu_kernel_owner(op) == "torchvision_cpu_ext" for op in OURS)
+    assert set(torchvision_cpu_ext.info()["python"].values()) == {"torchvision_cpu_ext"}
     assert roi_align(x.bfloat16(), rois, 2).dtype == torch.bfloat16
 
 

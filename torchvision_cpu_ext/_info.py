@@ -27,6 +27,21 @@ def cpu_kernel_owner(op: str) -> str:
     return "missing"
 
 
+def python_paths() -> dict[str, str]:
+    """torchvision's Python functions the override replaces, and who currently provides each."""
+    from torchvision.ops import boxes, misc
+
+    from .ops import frozen_batch_norm, nms
+
+    def owner(fn: object, ours: object) -> str:
+        return "torchvision_cpu_ext" if fn is ours else "torchvision"
+
+    return {
+        "FrozenBatchNorm2d.forward": owner(misc.FrozenBatchNorm2d.forward, frozen_batch_norm.forward),
+        "boxes._batched_nms_vanilla": owner(boxes._batched_nms_vanilla, nms.batched_nms_vanilla),
+    }
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -57,6 +72,7 @@ def info() -> dict[str, Any]:
         "mode": _registry.mode(),
         "enabled": _registry.is_enabled(),
         "ops": {op: cpu_kernel_owner(op) for op in _registry.TORCHVISION_SCHEMAS if op != "_cuda_version"},
+        "python": python_paths(),
     }
 
 
@@ -74,4 +90,6 @@ def format_info(d: dict[str, Any]) -> str:
         "CPU kernel per op:",
     ]
     lines += [f"  {op:24s} {owner}" for op, owner in d["ops"].items()]
+    lines.append("torchvision.ops Python functions:")
+    lines += [f"  {fn:30s} {owner}" for fn, owner in d["python"].items()]
     return "\n".join(lines)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from . import nms, ps_roi_align, ps_roi_pool, roi_align, roi_pool
+from . import frozen_batch_norm, nms, ps_roi_align, ps_roi_pool, roi_align, roi_pool
 
 # Each module registers the Meta and AutocastCPU kernels of its ops on a torchvision IMPL library.
-_MODULES = [roi_align, roi_pool, ps_roi_align, ps_roi_pool, nms]
+_MODULES = [roi_align, roi_pool, ps_roi_align, ps_roi_pool, nms, frozen_batch_norm]
 
 
 def register_all(lib: torch.library.Library) -> None:

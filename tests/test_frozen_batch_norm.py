@@ -1,0 +1,163 @@
+"""torchvision.ops.FrozenBatchNorm2d on our fused kernel: torchvision's values bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NATIVE
+from torch._inductor import config as inductor_config
+from torchvision.ops import FrozenBatchNorm2d
+
+import torchvision_cpu_ext
+from torchvision_cpu_ext.ops import frozen_batch_norm as fbn
+
+OP = torch.ops.torchvision_cpu_ext.frozen_batch_norm
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+LAYOUTS = ["nchw", "channels_last", "strided"]
+
+
+def make_module(channels: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> FrozenBatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    m = FrozenBatchNorm2d(channels)
+    m.weight.copy_(torch.randn(channels, generator=g))
+    m.bias.copy_(torch.randn(channels, generator=g))
+    m.running_mean.copy_(torch.randn(channels, generator=g))
+    m.running_var.copy_(torch.rand(channels, generator=g) * 3)
+    m.running_var[0] = 0.0  # eps alone
+    return m.to(dtype)
+
+
+def make_input(shape, dtype: torch.dtype, layout: str, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if layout == "strided":  # every other column of a wider map: no suggested format is dense
+        n, c, h, w = shape
+        return (torch.randn(n, c, h, 2 * w, generator=g) * 4).to(dtype)[..., ::2]
+    x = (torch.randn(shape, generator=g) * 4).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def torchvision_forward(m: FrozenBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's own FrozenBatchNorm2d.forward (what the override replaced)."""
+    original = fbn._state["original"] or FrozenBatchNorm2d.forward
+    return original(m, x)
+
+
+def float64_reference(m: FrozenBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    scale = m.weight.double() / (m.running_var.double() + m.eps).sqrt()
+    shift = m.bias.double() - m.running_mean.double() * scale
+    return x.double() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+def test_module_forward_is_ours_while_enabled():
+    assert FrozenBatchNorm2d.forward is fbn.forward
+    if not NATIVE:
+        return  # fallback configuration: there is no torchvision kernel set to go back to
+    torchvision_cpu_ext.disable()
+    try:
+        assert FrozenBatchNorm2d.forward is not fbn.forward
+    finally:
+        torchvision_cpu_ext.enable()
+    assert FrozenBatchNorm2d.forward is fbn.forward
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 35, 9, 13), (1, 64, 4, 5), (3, 3, 1, 1), (0, 8, 5, 5), (2, 8, 0, 3)])
+def test_equals_torchvision_bitwise(shape, dtype, layout, threads):
+    m = make_module(shape[1])
+    x = make_input(shape, dtype, layout)
+    with torch.inference_mode():
+        out = m(x)
+        expected = torchvision_forward(m, x)
+    assert out.dtype == expected.dtype  # the promoted dtype: float32 for a bfloat16 input
+    assert torch.equal(out, expected)
+    if layout == "channels_last" and out.numel():
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.double(), float64_reference(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_float64_buffers_and_input():
+    m = make_module(7, torch.float64)
+    x = make_input((2, 7, 5, 6), torch.float64, "nchw")
+    assert torch.equal(m(x), torchvision_forward(m, x))
+
+
+def test_float32_buffers_float64_input():
+    m = make_module(7)
+    x = make_input((2, 7, 5, 6), torch.float64, "channels_last")
+    out = OP(x, m.weight, m.bias, m.running_mean, m.running_var, m.eps)
+    assert out.dtype == torch.float64 and torch.equal(out, torchvision_forward(m, x))
+
+
+@pytest.mark.parametrize("buffers", [torch.bfloat16, torch.float16], ids=str)
+def test_reduced_precision_buffers_use_torchvisions_expression(buffers):
+    m = make_module(6, buffers)
+    x = make_input((1, 6, 4, 4), buffers, "nchw")
+    assert torch.equal(m(x), torchvision_forward(m, x))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_keeps_reduced_precision(dtype, layout, threads):
+    m = make_module(40)
+    x = make_input((2, 40, 6, 7), dtype, layout)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    assert out.dtype == dtype  # torchvision's expression returns float32 here
+    assert torch.equal(out, torchvision_forward(m, x).to(dtype))  # one rounding of the exact result
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x.float()).dtype == torch.float32  # a float32 input is left alone
+
+
+def test_autograd_uses_torchvisions_expression():
+    m = make_module(5)
+    x = make_input((2, 5, 4, 4), torch.float64, "nchw").requires_grad_()
+    out = m(x)
+    assert out.grad_fn is not None
+    (g,) = torch.autograd.grad(out.sum(), x)
+    (g_ref,) = torch.autograd.grad(torchvision_forward(m, x).sum(), x)
+    assert torch.equal(g, g_ref)
+    assert torch.autograd.gradcheck(lambda t: m(t), (x,))
+
+
+def test_opcheck():
+    m = make_module(16)
+    for x in (
+        make_input((2, 16, 5, 7), torch.float32, "nchw"),
+        make_input((1, 16, 3, 3), torch.bfloat16, "channels_last"),
+    ):
+        torch.library.opcheck(OP, (x, m.weight, m.bias, m.running_mean, m.running_var, m.eps))
+        torch.library.opcheck(OP, (x, m.weight, m.bias, m.running_mean, m.running_var, m.eps, x.dtype))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_torch_compile(layout):
+    m = make_module(24)
+    x = make_input((2, 24, 9, 11), torch.float32, layout)
+    # cpp.simdlen=1: see test_roi_align.py (Inductor's vectorized codegen crashes on this CPU).
+    with inductor_config.patch({"cpp.simdlen": 1}), torch.inference_mode():
+        torch._dynamo.reset()
+        out = torch.compile(m, fullgraph=True)(x)
+    assert torch.equal(out, torchvision_forward(m, x))
+
+
+def test_bad_inputs():
+    m = make_module(4)
+    args = (m.weight, m.bias, m.running_mean, m.running_var, m.eps)
+    with pytest.raises(RuntimeError, match="input must be a 4-D tensor"):
+        OP(torch.randn(4, 5, 5), *args)
+    with pytest.raises(RuntimeError, match=r"running_var must have shape \[C\] = \[3\]"):
+        OP(torch.randn(1, 3, 5, 5), m.weight[:3], m.bias[:3], m.running_mean[:3], m.running_var, m.eps)
+    with pytest.raises(RuntimeError, match="bias must have weight's dtype"):
+        OP(torch.randn(1, 4, 2, 2), m.weight, m.bias.double(), m.running_mean, m.running_var, m.eps)
+    with pytest.raises(RuntimeError, match="input must be float32, float64, bfloat16 or float16"):
+        OP(torch.ones(1, 4, 2, 2, dtype=torch.int32), *args)
+    with pytest.raises(RuntimeError, match="weight and buffers must be float32"):
+        d = [t.double() for t in args[:4]]
+        OP(torch.randn(1, 4, 2, 2), *d, m.eps)
+    with pytest.raises(RuntimeError, match="dtype must be the input's"):
+        OP(torch.randn(1, 4, 2, 2), *args, torch.float16)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"weight must have shape \[C\] = \[5\]"):
+        m(torch.randn(1, 5, 2, 2))  # the module's channels do not match the input's
