@@ -6,7 +6,8 @@ Every row times one op call with torch.utils.benchmark (median of blocked runs) 
 reported thread count; torchvision's kernel runs in the same process through
 torchvision_cpu_ext.disable(). The speedup column is always against torchvision's fp32 NCHW
 kernel of the same case and direction. Writes JSON and a markdown table (with the machine's
-CPU, ISA, versions and measured limits) to --out.
+CPU, ISA, versions and measured limits) to --out. Every row also carries `bytes` and `flops`
+(the model is WORK_MODEL below), which benchmarks/report.py places on a roofline.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from torch.utils import benchmark
@@ -90,6 +92,108 @@ def proposal_boxes(case: Case, seed: int = 0) -> torch.Tensor:
     return torch.stack([b, x1, y1, x2, y2], 1)
 
 
+# The traffic and work model of every row, which places it on the report's roofline. `bytes` is
+# a lower bound on the memory traffic (each byte the op must read or write, counted once, as if
+# the caches were perfect); `flops` counts the arithmetic that the op's definition needs.
+WORK_MODEL = """\
+bytes (a lower bound on memory traffic: every byte the op must read or write, counted once):
+- RoI op forward: the output written (values, plus the int32 argmax / channel_mapping that
+  roi_pool, ps_roi_align and ps_roi_pool return) + the rois read + the input elements the boxes
+  touch, each once: the union over all boxes of the pixels the kernel reads (align ops: the
+  bilinear taps of non-zero weight of every sample point; pool ops: every pixel of every bin)
+  times the channels read there (all C for roi_align / roi_pool, the c_out channels of the bin's
+  group for the ps ops). So never more than the input map once.
+- RoI op backward: grad_input written once (N*C*H*W) + grad_output read + rois read (+ the
+  argmax read by roi_pool; the ps ops' channel_mapping is recomputable, so not counted).
+- nms: boxes and scores read (+ class indices for batched_nms) + the kept indices written.
+flops:
+- align ops: 2 x the multiply-adds of bilinear sampling (4 per sample point, channel and bin),
+  forward and backward alike; the sample weights are not counted.
+- pool ops: 1 op (compare or add) per input pixel read per output element; roi_pool backward:
+  1 add per output element (its scatter to the argmax); ps_roi_pool backward: 1 add per pixel
+  of each bin, as its forward.
+- nms: 10 x the IoU pairs greedy NMS compares (each kept box against every later box not yet
+  suppressed when it is reached; per class for batched_nms); the sort is not counted.
+roofs: the copy bandwidth (bytes read + written by a 256 MiB copy) and MKL sgemm GFLOP/s,
+measured by the same command at 1 and 2 threads. bf16 rows are measured against the fp32 peak,
+and the pool ops' and nms' "flops" are comparisons, not FMAs.
+"""
+
+
+def _round_half_away(v: torch.Tensor) -> torch.Tensor:
+    return torch.sign(v) * torch.floor(v.abs() + 0.5)  # std::round
+
+
+def _pool_ranges(lo: torch.Tensor, hi: torch.Tensor, plus: int, p: int, clip: int) -> tuple[np.ndarray, np.ndarray]:
+    """[start, end) of each bin along one axis ([K, p] each), by torchvision's pool geometry."""
+    start, end = _round_half_away(lo), _round_half_away(hi)
+    size = (end - start + plus).clamp(min=1) / p
+    i = torch.arange(p + 1, dtype=lo.dtype)
+    a = torch.floor(i[:-1] * size[:, None]) + start[:, None]
+    b = torch.ceil(i[1:] * size[:, None]) + start[:, None]
+    return a.clamp(0, clip).long().numpy(), b.clamp(0, clip).long().numpy()
+
+
+def _align_taps(lo: torch.Tensor, length: torch.Tensor, p: int, sr: int, n: int) -> np.ndarray:
+    """Per box and bin ([K, p]) the set of pixel indices along one axis that bilinear sampling
+    reads with a non-zero weight, as a [K, p, n] bool array (torchvision's sample points)."""
+    b = length / p
+    v = lo[:, None, None] + torch.arange(p)[None, :, None] * b[:, None, None]
+    v = v + (torch.arange(sr)[None, None, :] + 0.5) * b[:, None, None] / sr
+    valid = (v >= -1) & (v <= n)
+    v = v.clamp(min=0)
+    low = torch.floor(v)
+    collapse = low >= n - 1
+    low = torch.where(collapse, torch.full_like(low, n - 1), low)
+    high_used = valid & ~collapse & (v > low)
+    taps = np.zeros((*v.shape[:2], n + 1), dtype=bool)
+    k, i, s = np.nonzero(valid.numpy())
+    taps[k, i, low.long().numpy()[k, i, s]] = True
+    k, i, s = np.nonzero(high_used.numpy())
+    taps[k, i, low.long().numpy()[k, i, s] + 1] = True
+    return taps[..., :n]
+
+
+def work_model(case: Case, rois: torch.Tensor) -> dict[str, int]:
+    """The input elements the forward of `case` reads at least once (`input_elems`) and, for the
+    pool ops, the pixel reads summed over all output elements (`pool_reads`); see WORK_MODEL."""
+    n, c, h, w = case.shape
+    p = case.pooled
+    ps = case.op.startswith("ps_")
+    c_read = c // (p * p) if ps else c  # channels an output bin reads at one pixel
+    batch = rois[:, 0].long().numpy()
+    # One footprint mask per bin of the ps ops (each reads its own channel group), else one.
+    masks = np.zeros((p * p if ps else 1, n, h, w), dtype=bool)
+    pool_reads = 0
+    if case.op.endswith("pool"):
+        plus, clip_h, clip_w = (0, h - 1, w - 1) if ps else (1, h, w)  # ps_roi_pool never pools the last row
+        s = rois[:, 1:].float() * torch.tensor(case.scale, dtype=torch.float32)
+        h0, h1 = _pool_ranges(s[:, 1], s[:, 3], plus, p, clip_h)
+        w0, w1 = _pool_ranges(s[:, 0], s[:, 2], plus, p, clip_w)
+        rows, cols = np.maximum(h1 - h0, 0), np.maximum(w1 - w0, 0)
+        pool_reads = int((rows.sum(1) * cols.sum(1)).sum()) * c_read
+        for k, b in enumerate(batch):
+            if ps:
+                for i in range(p):
+                    for j in range(p):
+                        masks[i * p + j, b, h0[k, i] : h1[k, i], w0[k, j] : w1[k, j]] = True
+            else:  # the bins of a box tile one rectangle
+                masks[0, b, h0[k, 0] : h1[k, -1], w0[k, 0] : w1[k, -1]] = True
+    else:
+        r = rois[:, 1:].double() * case.scale - 0.5  # aligned=True for roi_align, always for ps
+        ty = _align_taps(r[:, 1], r[:, 3] - r[:, 1], p, case.sampling_ratio, h)
+        tx = _align_taps(r[:, 0], r[:, 2] - r[:, 0], p, case.sampling_ratio, w)
+        if not ps:  # the box's sample grid is a product, so its taps are too
+            ty, tx = ty.any(1, keepdims=True), tx.any(1, keepdims=True)
+        for k, b in enumerate(batch):
+            rows = [np.flatnonzero(t) for t in ty[k]]
+            cols = [np.flatnonzero(t) for t in tx[k]]
+            for i, ri in enumerate(rows):
+                for j, cj in enumerate(cols):
+                    masks[i * p + j if ps else 0, b][np.ix_(ri, cj)] = True
+    return {"input_elems": int(masks.sum()) * c_read, "pool_reads": pool_reads}
+
+
 def median_seconds(stmt: str, env: dict, min_run_time: float) -> float:
     # Timer runs at its own num_threads (default 1), so pass the thread count of the case.
     t = benchmark.Timer(stmt, globals=env, num_threads=torch.get_num_threads()).blocked_autorange(
@@ -109,6 +213,8 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes) -> li
     grad32 = torch.randn(case.boxes, c_out, p, p)
     # Multiply-adds of the bilinear sampling (4 per sample and output element); pooling has none.
     fmas = case.boxes * c_out * p * p * case.sampling_ratio**2 * 4 if case.op.endswith("align") else 0
+    work = work_model(case, rois)
+    out_elems = case.boxes * c_out * p * p
     rows = []
     for direction, stmt in zip(("forward", "backward"), STATEMENTS[case.op], strict=True):
         baseline = None
@@ -144,6 +250,15 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes) -> li
                         torchvision_cpu_ext.enable()
                     if impl == "torchvision" and layout == "nchw":
                         baseline = sec
+                    e = x.element_size()
+                    if direction == "forward":  # output (+ int32 argmax / channel_mapping), rois, footprint
+                        nbytes = out_elems * (e + (4 if case.op != "roi_align" else 0))
+                        nbytes += rois.nbytes + work["input_elems"] * e
+                        flops = 2 * fmas if fmas else work["pool_reads"]
+                    else:  # grad_input written, grad_output (+ roi_pool's argmax) and rois read
+                        nbytes = n * c * h * w * e + out_elems * (e + (4 if case.op == "roi_pool" else 0))
+                        nbytes += rois.nbytes
+                        flops = 2 * fmas if fmas else out_elems if case.op == "roi_pool" else work["pool_reads"]
                     rows.append(
                         {
                             "op": case.op,
@@ -156,6 +271,8 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes) -> li
                             "ms": sec * 1e3,
                             "speedup_vs_torchvision_fp32_nchw": baseline / sec if baseline else None,
                             "gfma_per_s": fmas / sec / 1e9 if fmas else None,
+                            "bytes": nbytes,
+                            "flops": flops,
                         }
                     )
                     print(
@@ -180,7 +297,31 @@ def nms_boxes(n: int, crowded: bool, seed: int = 0) -> tuple[torch.Tensor, torch
     return torch.cat([ctr - wh / 2, ctr + wh / 2], 1), torch.rand(n, generator=g)
 
 
+def nms_pairs(boxes: torch.Tensor, scores: torch.Tensor, thr: float, idxs: torch.Tensor | None = None) -> int:
+    """The IoU pairs greedy NMS compares (torchvision's loop): each box against every kept box
+    ranked before it, up to and including the first that suppresses it; per class if idxs."""
+    if idxs is not None:
+        return sum(nms_pairs(boxes[idxs == k], scores[idxs == k], thr) for k in torch.unique(idxs))
+    order = torch.sort(scores, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    kept_ranks = torch.sort(rank[torchvision.ops.nms(boxes, scores, thr)]).values
+    kept = boxes[order[kept_ranks]]
+    pairs = 0
+    for r0 in range(0, len(order), 1024):
+        r = torch.arange(r0, min(r0 + 1024, len(order)))
+        m = int(torch.searchsorted(kept_ranks, r[-1]))  # only kept boxes ranked before r matter
+        sup = (torchvision.ops.box_iou(boxes[order[r]], kept[:m]) > thr) & (kept_ranks[None, :m] < r[:, None])
+        first = torch.where(sup.any(1), sup.int().argmax(1), m)  # its suppressor, if any
+        before = torch.searchsorted(kept_ranks, r)  # kept boxes ranked before it
+        pairs += int(torch.minimum(before, first + 1).sum())
+    return pairs
+
+
 NMS_CASES = [(1000, False, 0.5), (1000, False, 0.7), (5000, False, 0.7), (20000, False, 0.7), (5000, True, 0.5)]
+
+
+_NMS_WORK: dict[tuple, tuple[int, int]] = {}
 
 
 def bench_nms(threads: int, min_time: float) -> list[dict]:
@@ -190,9 +331,23 @@ def bench_nms(threads: int, min_time: float) -> list[dict]:
     cases.append(("batched_nms 5000 boxes, 80 classes @0.5", 5000, True, 0.5, 80))
     for name, n, crowded, thr, classes in cases:
         boxes, scores = nms_boxes(n, crowded)
+        idxs = None
+        if classes:
+            idxs = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(1))
+        key = (n, crowded, thr, classes)
+        if key not in _NMS_WORK:  # the same for every thread count
+            pairs = nms_pairs(boxes, scores, thr, idxs)
+            kept = len(
+                torchvision.ops.batched_nms(boxes, scores, idxs, thr)
+                if classes
+                else torchvision.ops.nms(boxes, scores, thr)
+            )
+            # Boxes and scores (+ class indices) read, kept indices written; ~10 flops per IoU pair.
+            _NMS_WORK[key] = (boxes.nbytes + scores.nbytes + (idxs.nbytes if classes else 0) + kept * 8, 10 * pairs)
+        nbytes, flops = _NMS_WORK[key]
         env = {"torchvision": torchvision, "torch": torch, "b": boxes, "s": scores, "t": thr}
         if classes:
-            env["i"] = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(1))
+            env["i"] = idxs
             stmt = "torchvision.ops.batched_nms(b, s, i, t)"
         else:
             stmt = "torch.ops.torchvision.nms(b, s, t)"
@@ -215,6 +370,8 @@ def bench_nms(threads: int, min_time: float) -> list[dict]:
                 "ms": sec * 1e3,
                 "speedup_vs_torchvision_fp32_nchw": baseline / sec,
                 "gfma_per_s": None,
+                "bytes": nbytes,
+                "flops": flops,
             }
             rows.append(row)
             print(f"  {name:42s} {impl:11s} {threads}T {sec * 1e3:9.3f} ms  x{baseline / sec:6.1f}", flush=True)
@@ -247,18 +404,30 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments that choose what is run (shared with benchmarks/report.py)."""
     ap.add_argument("--quick", action="store_true", help="P4 case only, short timing: a smoke run")
     ap.add_argument("--ops", nargs="+", default=[*sorted(STATEMENTS), "nms"], help="ops to run (default: all)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timing per row")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
-    a = ap.parse_args()
+
+
+def json_info() -> dict:
+    """torchvision_cpu_ext.info() in a JSON-serialisable form."""
+    return json.loads(json.dumps(torchvision_cpu_ext.info(), default=str))
+
+
+def run(a: argparse.Namespace) -> dict:
+    """Measures the machine's limits and every row that `a` asks for: {"meta": ..., "rows": ...}."""
     cases = [c for c in (CASES[1:2] if a.quick else CASES) if c.op in a.ops]
     min_time = a.min_time if a.min_time is not None else (0.2 if a.quick else 1.5)
-    t0 = time.time()
-    info = torchvision_cpu_ext.info()
+    info = json_info()
+    torchvision_cpu_ext.disable()
+    try:  # whose kernels (and replaced Python functions, if info() lists them) the torchvision rows ran on
+        disabled = json_info()
+        ops_disabled = {**disabled["ops"], **disabled.get("python", {})}
+    finally:
+        torchvision_cpu_ext.enable()
     meta = {
         "cpu": info["cpu"],
         "aten_cpu_capability": info["aten_cpu_capability"],
@@ -268,6 +437,9 @@ def main() -> None:
         "python": platform.python_version(),
         "command": "python " + " ".join(sys.argv),
         "limits": machine_limits(quick=a.quick),
+        "info": info,
+        "ops_when_disabled": ops_disabled,
+        "work_model": WORK_MODEL,
     }
     rows = []
     for case in cases:
@@ -278,9 +450,19 @@ def main() -> None:
         for threads in a.threads:
             print(f"nms ({threads} thread{'s' if threads > 1 else ''})", flush=True)
             rows += bench_nms(threads, min_time)
+    return {"meta": meta, "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    a = ap.parse_args()
+    t0 = time.time()
+    data = run(a)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "ops.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = markdown(meta, rows)
+    (a.out / "ops.json").write_text(json.dumps(data, indent=1))
+    md = markdown(data["meta"], data["rows"])
     (a.out / "ops.md").write_text(md)
     print()
     print(md)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from conftest import NATIVE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -37,3 +39,119 @@ def test_bench_nms_runs(monkeypatch):
     meta = dict.fromkeys(["cpu", "aten_cpu_capability", "isa_variant", "torch", "torchvision", "python", "command"], "")
     table = bench_ops.markdown({**meta, "limits": limits}, rows)
     assert table.count("| nms") == 4 and table.count("| batched_nms") == 2
+
+
+def tiny_case(op: str, boxes: int = 6) -> bench_ops.Case:
+    channels = 2 * 3 * 3 if op.startswith("ps_") else 8
+    return bench_ops.Case(op, f"tiny {op}", (2, channels, 12, 14), boxes, 0.25, 3)
+
+
+@pytest.mark.parametrize("op", sorted(bench_ops.STATEMENTS))
+def test_work_model_footprint_is_what_the_forward_reads(op, torchvision_kernels):
+    # The backward of all ones reaches exactly the input elements the forward reads with a
+    # non-zero weight (roi_pool's only reaches its argmax, so its bins come from the reference).
+    import numpy as np
+    import reference
+
+    case = tiny_case(op, boxes=20)
+    rois = bench_ops.proposal_boxes(case, seed=3)
+    n, c, h, w = case.shape
+    p = case.pooled
+    work = bench_ops.work_model(case, rois)
+    tv = torch.ops.torchvision
+    ones = torch.ones(case.boxes, c // (p * p) if op.startswith("ps_") else c, p, p)
+    x = torch.randn(case.shape)
+    if op == "roi_align":
+        reached = tv._roi_align_backward(ones, rois, 0.25, p, p, n, c, h, w, 2, True)
+    elif op == "ps_roi_align":
+        mapping = tv.ps_roi_align(x, rois, 0.25, p, p, 2)[1]
+        reached = tv._ps_roi_align_backward(ones, rois, mapping, 0.25, p, p, 2, n, c, h, w)
+    elif op == "ps_roi_pool":
+        mapping = tv.ps_roi_pool(x, rois, 0.25, p, p)[1]
+        # The backward also scatters into the last row and column, which the forward never pools.
+        reached = tv._ps_roi_pool_backward(ones, rois, mapping, 0.25, p, p, n, c, h, w)[..., :-1, :-1]
+    else:
+        mask, reads = np.zeros((n, h, w), dtype=bool), 0
+        for k in range(case.boxes):
+            b, rows, cols = reference._pool_bins(rois[k].tolist(), 0.25, p, p, 1, h, w, np.float32)
+            for h0, h1 in rows:
+                for w0, w1 in cols:
+                    mask[b, h0:h1, w0:w1] = True
+                    reads += max(h1 - h0, 0) * max(w1 - w0, 0)
+        assert work == {"input_elems": int(mask.sum()) * c, "pool_reads": reads * c}
+        return
+    assert work["input_elems"] == int((reached != 0).sum())
+
+
+def test_nms_pairs_counts_the_greedy_loop():
+    boxes, scores = bench_ops.nms_boxes(300, crowded=True)
+    iou = torchvision.ops.box_iou(boxes, boxes)
+
+    def brute(sel: torch.Tensor) -> int:
+        order = sel[torch.sort(scores[sel], descending=True, stable=True).indices].tolist()
+        suppressed, pairs = set(), 0
+        for pos, i in enumerate(order):
+            if i not in suppressed:
+                for j in order[pos + 1 :]:
+                    if j not in suppressed:
+                        pairs += 1
+                        if iou[i, j] > 0.5:
+                            suppressed.add(j)
+        return pairs
+
+    assert bench_ops.nms_pairs(boxes, scores, 0.5) == brute(torch.arange(300))
+    classes = torch.randint(0, 4, (300,), generator=torch.Generator().manual_seed(2))
+    expected = sum(brute(torch.nonzero(classes == k).flatten()) for k in range(4))
+    assert bench_ops.nms_pairs(boxes, scores, 0.5, classes) == expected
+
+
+def test_report_from_a_tiny_run(tmp_path, monkeypatch):
+    import report
+
+    monkeypatch.setattr(bench_ops, "NMS_CASES", [(50, False, 0.5)])
+    rows = []
+    for op in ("roi_align", "ps_roi_pool"):
+        for threads in (1, 2):
+            rows += bench_ops.bench_case(tiny_case(op), threads, 0.001, ["nchw", "channels_last"], [torch.float32])
+    rows += bench_ops.bench_nms(1, 0.001)
+    assert all(r["bytes"] > 0 and r["flops"] > 0 for r in rows)
+    limits = {"copy_gb_s_1t": 10.0, "copy_gb_s_2t": 18.0, "sgemm_gflop_s_1t": 100.0, "sgemm_gflop_s_2t": 190.0}
+    meta = dict.fromkeys(["cpu", "aten_cpu_capability", "isa_variant", "torch", "torchvision", "python"], "x")
+    meta.update(
+        command="tiny",
+        limits=limits,
+        info=bench_ops.json_info(),
+        ops_when_disabled={"roi_align": "torchvision"},
+        work_model=bench_ops.WORK_MODEL,
+    )
+    written = report.build_report({"meta": meta, "rows": rows}, tmp_path / "report")
+
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert pngs == sorted(
+        ["roofline.png"]
+        + [f"{kind}_{op}.png" for kind in ("speedup", "bandwidth") for op in ("roi_align", "ps_roi_pool", "nms")]
+    )
+    assert set(written) == {*pngs, "report.md", "report.html"}
+    page = (tmp_path / "report" / "report.html").read_text()
+    md = (tmp_path / "report" / "report.md").read_text()
+    for name in pngs:
+        assert base64.b64encode((tmp_path / "report" / name).read_bytes()).decode() in page
+        assert f"]({name})" in md
+    assert page.count('src="data:image/png;base64,') == len(pngs) and 'src="http' not in page
+    # Tables, the machine's limits, the model and the kernels that ran are on the page.
+    assert "tiny ps_roi_pool" in page and "sgemm GFLOP/s" in page and "grad_input written once" in page
+    assert "_roi_align_backward" in page and "isa_variant" in page
+
+
+def test_report_takes_bench_ops_arguments():
+    import argparse
+
+    import report
+
+    ap = argparse.ArgumentParser()
+    bench_ops.add_arguments(ap)
+    ours = {s for a in report.parser()._actions for s in a.option_strings}
+    assert {s for a in ap._actions for s in a.option_strings} <= ours
+    a = report.parser().parse_args(["--quick", "--threads", "2", "--ops", "nms", "--min-time", "0.1"])
+    b = ap.parse_args(["--quick", "--threads", "2", "--ops", "nms", "--min-time", "0.1"])
+    assert {k: v for k, v in vars(a).items() if k in vars(b)} == vars(b)
