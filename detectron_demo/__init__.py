@@ -1,0 +1,1 @@
+"""End-to-end detection benchmark of torchvision_cpu_ext (run: python -m detectron_demo)."""

@@ -1,0 +1,102 @@
+"""detectron_demo: the calibrated model does a detector's full work, the detection comparison
+tells equal from different, and a quick end-to-end run works (its timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import NATIVE
+
+from detectron_demo import model as demo_model
+from detectron_demo import run as demo_run
+
+SIZE = (256, 352)
+
+
+def test_calibrated_model_does_full_work():
+    # The demo's own size: at small sizes large boxes cannot exist, so the levels shift down.
+    m = demo_model.build_model("faster_rcnn")
+    calibration = demo_model.calibrate(m, demo_model.synthetic_image(800, 1216, seed=1000))
+    work, out = demo_model.workload(m, [demo_model.synthetic_image(800, 1216, seed=0)])
+    # Uncalibrated random weights give a handful of proposals on one level and no detections.
+    assert work.proposals == [1000]
+    assert sum(v > 50 for v in work.rois_per_level.values()) >= 3, work.rois_per_level
+    assert sum(work.rois_per_level.values()) == 1000
+    assert 300 <= work.candidates[0] <= 3000, work.candidates
+    assert work.detections == [100]
+    assert 0 < calibration["box_score_thresh"] < 1
+    assert all(s > 0 for s in calibration["rpn_logit_scale"])
+    assert [len(o["boxes"]) for o in out] == work.detections
+
+
+def test_batch_norm_calibration_normalises_every_layer():
+    from torchvision.ops import FrozenBatchNorm2d
+
+    m = demo_model.build_model("faster_rcnn")
+    m.transform.min_size, m.transform.max_size = (SIZE[0],), SIZE[1]
+    image = demo_model.synthetic_image(*SIZE, seed=1000)
+    demo_model.calibrate(m, image)
+    outputs = []
+    bns = [x for x in m.backbone.modules() if isinstance(x, FrozenBatchNorm2d)]
+    # clone: the ReLU after each batch norm works in place.
+    hooks = [bn.register_forward_hook(lambda mod, i, o: outputs.append(o.clone())) for bn in bns]
+    with torch.inference_mode():
+        m.backbone(m.transform([image])[0].tensors)
+    for h in hooks:
+        h.remove()
+    assert len(outputs) == len(bns) == 53
+    for o in outputs:  # weight 1, bias 0: each channel has mean 0 and deviation ~1 on this image
+        assert o.mean((0, 2, 3)).abs().max() < 1e-3
+        assert abs(o.std((0, 2, 3)).median() - 1) < 1e-2
+
+
+def test_synthetic_images_are_seeded():
+    a = demo_model.synthetic_image(64, 80, seed=3)
+    assert torch.equal(a, demo_model.synthetic_image(64, 80, seed=3))
+    assert not torch.equal(a, demo_model.synthetic_image(64, 80, seed=4))
+    assert a.shape == (3, 64, 80) and 0 <= a.min() and a.max() <= 1
+
+
+def test_compare_detections():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 50], [5, 5, 30, 30]])
+    ref = [{"boxes": boxes, "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([1, 2, 1])}]
+    same = demo_run.compare_detections(ref, ref)
+    assert same["matched"] == 3 and same["max_abs_box_px"] == 0 and same["max_abs_score"] == 0
+    moved = [dict(ref[0], boxes=boxes + torch.tensor([0.5, 0, 0, 0]))]
+    d = demo_run.compare_detections(ref, moved)
+    assert d["matched"] == 3 and d["max_abs_box_px"] == 0.5
+    relabelled = [dict(ref[0], labels=torch.tensor([1, 3, 1]))]
+    assert demo_run.compare_detections(ref, relabelled)["matched"] == 2
+    fewer = [{k: v[:1] for k, v in ref[0].items()}]
+    d = demo_run.compare_detections(ref, fewer)
+    assert d["detections"] == 1 and d["matched"] == 1
+
+
+def test_detectron2_backend_fails_clearly_when_absent():
+    try:
+        import detectron2  # noqa: F401
+
+        pytest.skip("detectron2 is importable here")
+    except ImportError:
+        pass
+    with pytest.raises(SystemExit, match="needs detectron2, which is not importable"):
+        demo_run.main(["--backend", "detectron2"])
+
+
+@pytest.mark.skipif(not NATIVE, reason="the demo compares with torchvision's kernels, which did not load")
+def test_quick_run(tmp_path):
+    report = demo_run.main(["--quick", "--size", *map(str, SIZE), "--out", str(tmp_path), "--no-progress"])
+    saved = json.loads((tmp_path / "demo_quick.json").read_text())
+    assert saved["meta"]["quick"] and (tmp_path / "demo_quick.md").exists()
+    configs = {(r["config"]["impl"], r["config"]["layout"], r["config"]["dtype"]) for r in report["results"]}
+    assert len(configs) == 8
+    assert all(r["median_s"] > 0 for r in report["results"])
+    # Same input, same model: the package's fp32 detections are stock's.
+    fp32 = [c for c in report["correctness"] if c["dtype"] == "fp32"]
+    assert len(fp32) == 2 and all(c["ok"] for c in fp32), fp32
+    # The profile sees torchvision's ops in the stock run and our fused batch norm in ours.
+    stock, ours = report["profiles"]
+    assert stock["roi_align_share"] > 0 and stock["frozen_batch_norm_share"] == 0
+    assert ours["frozen_batch_norm_share"] > 0
