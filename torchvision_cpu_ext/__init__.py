@@ -32,9 +32,19 @@ def is_enabled() -> bool:
     return _registry.is_enabled()
 
 
+def empty_cache() -> int:
+    """Frees the blocks our kernels keep for reuse by large outputs (see NOTE [ output pool ] in
+    csrc/cpu/memory.h; capped by TORCHVISION_CPU_EXT_POOL_MB, default 256). Returns the bytes freed."""
+    import torch
+
+    cached = torch.ops.torchvision_cpu_ext._output_pool_stats()[0]
+    torch.ops.torchvision_cpu_ext._empty_output_pool()
+    return int(cached)
+
+
 def loaded_library() -> _loader.Loaded:
     """The kernel library of this process: its ISA variant, path and how it was obtained."""
     return _LOADED
 
 
-__all__ = ["disable", "enable", "info", "is_enabled", "loaded_library"]
+__all__ = ["disable", "empty_cache", "enable", "info", "is_enabled", "loaded_library"]

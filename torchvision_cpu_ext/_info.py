@@ -73,6 +73,9 @@ def info() -> dict[str, Any]:
         "enabled": _registry.is_enabled(),
         "ops": {op: cpu_kernel_owner(op) for op in _registry.TORCHVISION_SCHEMAS if op != "_cuda_version"},
         "python": python_paths(),
+        "output_pool_bytes": dict(
+            zip(("cached", "cap"), torch.ops.torchvision_cpu_ext._output_pool_stats(), strict=True)
+        ),
     }
 
 

@@ -124,11 +124,10 @@ at::Tensor frozen_batch_norm(
 
   const auto fmt = detail::layout_of(op, input);
   const at::Tensor x = input.contiguous(fmt);
-  at::Tensor y = at::empty(x.sizes(), x.options().dtype(out_type).memory_format(fmt));
+  at::Tensor y = empty_output(x.sizes(), x.options().dtype(out_type), fmt);
   if (y.numel() == 0) {
     return y;
   }
-  advise_huge_pages(y);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in_type, "frozen_batch_norm", [&] {
     if (out_type == in_type) {

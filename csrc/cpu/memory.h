@@ -1,12 +1,30 @@
 #pragma once
-// Fresh outputs of tens of MB are the largest single cost of a fast kernel on a machine that
-// faults memory in 4 KiB at a time (here: 17.7 ms to fault in 50 MB, more than roi_align's
-// compute). Marking an untouched allocation MADV_HUGEPAGE before the first write lets the
-// kernel fault it in 2 MiB pages instead, as c10's allocator does under THP_MEM_ALLOC_ENABLE=1.
-// The tensor stays an ordinary allocation of PyTorch's allocator; only the page size changes.
+// Large outputs (NOTE [ output pool ]).
+//
+// A fresh output of tens of MB is the largest single cost of a fast kernel here: glibc serves
+// every allocation above its mmap threshold (at most 32 MiB) with a new mapping, which the
+// kernel then faults in page by page (17.7 ms for 50 MB in 4 KiB pages; 6-13 ms in 2 MiB pages,
+// with outliers near 90 ms when two threads fault at once), more than the kernel's own work.
+// In a detector the same shapes come back every iteration (a backbone's batch-norm outputs, the
+// box head's RoI features), so large outputs are taken from a small pool of blocks freed by
+// earlier outputs of exactly the same byte size: no mapping, no page faults.
+// - Only outputs of at least kPoolMin bytes; smaller ones are ordinary at::empty tensors.
+// - Blocks are returned by the tensors' deleters (the storage's allocator is the pool, so a
+//   resize_ allocates from it too) and kept, most recent first, up to a cap
+//   (TORCHVISION_CPU_EXT_POOL_MB, default 256; 0 disables the pool); beyond it the oldest
+//   blocks are freed. torchvision_cpu_ext.empty_cache() frees them all.
+// - New blocks are marked MADV_HUGEPAGE before the first write, so even a cold block is
+//   faulted in 2 MiB at a time.
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/impl/alloc_cpu.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <list>
+#include <mutex>
+#include <utility>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -14,24 +32,135 @@
 
 namespace tvce {
 
-inline void advise_huge_pages(const at::Tensor& t) {
+inline void advise_huge_pages(void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = t.storage().nbytes();
-  if (bytes < 4 * kHuge) {
-    return;
-  }
-  const auto begin = reinterpret_cast<uintptr_t>(t.storage().data());
+  const auto begin = reinterpret_cast<uintptr_t>(data);
   const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t hi = (begin + bytes) & ~(kHuge - 1);
   if (hi > lo) {
-    // Advice only: on failure (THP disabled, old kernel) the memory is simply faulted in 4 KiB
-    // pages as before.
+    // Advice only: on failure (THP disabled, old kernel) pages are simply 4 KiB.
     (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
   }
 #else
-  (void)t;
+  (void)data;
+  (void)bytes;
 #endif
+}
+
+class OutputPool final : public c10::Allocator {
+ public:
+  static constexpr size_t kPoolMin = size_t(4) << 20;
+
+  // Never destroyed: tensors may outlive static destruction at exit.
+  static OutputPool& get() {
+    static OutputPool* pool = new OutputPool();
+    return *pool;
+  }
+
+  c10::DataPtr allocate(size_t n) override {
+    void* p = take(n);
+    if (p == nullptr) {
+      p = c10::alloc_cpu(n);
+      advise_huge_pages(p, n);
+    }
+    return {p, new Block{p, n}, &release, c10::Device(c10::kCPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  size_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cached_;
+  }
+
+  void empty_cache() {
+    std::list<std::pair<size_t, void*>> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks.swap(free_);
+      cached_ = 0;
+    }
+    for (auto& b : blocks) {
+      c10::free_cpu(b.second);
+    }
+  }
+
+  size_t cap() const {
+    return cap_;
+  }
+
+ private:
+  struct Block {
+    void* ptr;
+    size_t size;
+  };
+
+  OutputPool() {
+    const char* env = std::getenv("TORCHVISION_CPU_EXT_POOL_MB");
+    cap_ = (env != nullptr ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : size_t(256)) << 20;
+  }
+
+  void* take(size_t n) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if (it->first == n) {
+        void* p = it->second;
+        cached_ -= n;
+        free_.erase(it);
+        return p;
+      }
+    }
+    return nullptr;
+  }
+
+  static void release(void* ctx) {
+    auto* b = static_cast<Block*>(ctx);
+    get().put(b->ptr, b->size);
+    delete b;
+  }
+
+  void put(void* p, size_t n) {
+    std::list<std::pair<size_t, void*>> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (n > cap_) {
+        evicted.emplace_back(n, p);
+      } else {
+        free_.emplace_front(n, p);
+        cached_ += n;
+        while (cached_ > cap_) {
+          cached_ -= free_.back().first;
+          evicted.splice(evicted.end(), free_, std::prev(free_.end()));
+        }
+      }
+    }
+    for (auto& b : evicted) {  // freed outside the lock
+      c10::free_cpu(b.second);
+    }
+  }
+
+  std::mutex mutex_;
+  std::list<std::pair<size_t, void*>> free_;  // (bytes, block), most recently freed first
+  size_t cached_ = 0;
+  size_t cap_ = 0;
+};
+
+// An uninitialised CPU tensor for a kernel's output, from the pool when it is large.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt) {
+  int64_t numel = 1;
+  for (const int64_t s : sizes) {
+    numel *= s;
+  }
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  OutputPool& pool = OutputPool::get();
+  if (bytes < OutputPool::kPoolMin || bytes > pool.cap()) {
+    return at::empty(sizes, options.memory_format(fmt));
+  }
+  return at::detail::empty_generic(
+      sizes, &pool, c10::DispatchKeySet(c10::DispatchKey::CPU), c10::typeMetaToScalarType(options.dtype()), fmt);
 }
 
 } // namespace tvce

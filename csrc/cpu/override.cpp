@@ -2,6 +2,8 @@
 // ops the Python side calls: nothing here is on a hot path.
 #include "override.h"
 
+#include "memory.h"
+
 #include <c10/macros/Macros.h>
 
 #include <memory>
@@ -56,6 +58,15 @@ std::string capability() {
   return C10_STRINGIZE(CPU_CAPABILITY);
 }
 
+std::vector<int64_t> output_pool_stats() {
+  OutputPool& pool = OutputPool::get();
+  return {static_cast<int64_t>(pool.cached_bytes()), static_cast<int64_t>(pool.cap())};
+}
+
+void empty_output_pool() {
+  OutputPool::get().empty_cache();
+}
+
 } // namespace
 
 CpuOverride::CpuOverride(std::vector<const char*> ops, RegisterFn fn) {
@@ -68,4 +79,6 @@ TORCH_LIBRARY(torchvision_cpu_ext, m) {
   m.def("_set_cpu_override(bool enabled) -> bool", &tvce::set_cpu_override);
   m.def("_cpu_override_ops() -> str[]", &tvce::cpu_override_ops);
   m.def("_capability() -> str", &tvce::capability);
+  m.def("_output_pool_stats() -> int[]", &tvce::output_pool_stats);
+  m.def("_empty_output_pool() -> ()", &tvce::empty_output_pool);
 }

@@ -45,12 +45,11 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
   const int64_t PH = pooled_height, PW = pooled_width;
   const int64_t Cout = detail::ps_channels_out(kOp, C, PH, PW);
   const auto fmt = detail::layout_of(kOp, input);
-  at::Tensor output = at::empty({K, Cout, PH, PW}, input.options().memory_format(fmt));
+  at::Tensor output = empty_output({K, Cout, PH, PW}, input.options(), fmt);
   at::Tensor mapping = at::empty_like(output, output.options().dtype(at::kInt));
   if (output.numel() == 0) {
     return {output, mapping};
   }
-  advise_huge_pages(output);
   const at::Tensor in = input.contiguous(fmt);
   const auto B = ps_bins(detail::rois_as(rois, at::toOpMathType(input.scalar_type())), N, H, W, spatial_scale, PH, PW);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;

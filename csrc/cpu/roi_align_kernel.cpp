@@ -381,11 +381,10 @@ at::Tensor roi_align_forward(
   detail::check_pooled_size(kOp, pooled_height, pooled_width);
   const auto fmt = detail::layout_of(kOp, input);
   const int64_t K = rois.size(0), C = input.size(1);
-  at::Tensor output = at::empty({K, C, pooled_height, pooled_width}, input.options().memory_format(fmt));
+  at::Tensor output = empty_output({K, C, pooled_height, pooled_width}, input.options(), fmt);
   if (output.numel() == 0) {
     return output;
   }
-  advise_huge_pages(output);
   const at::Tensor in = input.contiguous(fmt);
   const at::Tensor r = detail::rois_as(rois, at::toOpMathType(input.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "roi_align_forward", [&] {
@@ -425,14 +424,13 @@ at::Tensor roi_align_backward(
   // The forward returns channels_last output for channels_last input, so the gradient's
   // layout tells which layout the input had.
   const auto fmt = detail::layout_of(op, grad);
-  at::Tensor grad_in = at::empty({batch_size, channels, height, width}, grad.options().memory_format(fmt));
+  at::Tensor grad_in = empty_output({batch_size, channels, height, width}, grad.options(), fmt);
   if (grad_in.numel() == 0) {
     return grad_in;
   }
   if (grad.numel() == 0) {
     return grad_in.zero_();
   }
-  advise_huge_pages(grad_in);
   const at::Tensor g = grad.contiguous(fmt);
   const at::Tensor r = detail::rois_as(rois, at::toOpMathType(grad.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "roi_align_backward", [&] {

@@ -400,10 +400,9 @@ inline at::MemoryFormat layout_of(const char* op, const at::Tensor& t) {
   return fmt;
 }
 
-// A zeroed grad_input accumulator in the opmath type and `fmt` (huge pages when large).
+// A zeroed grad_input accumulator in the opmath type and `fmt` (from the output pool when large).
 inline at::Tensor zeroed_grad_input(const at::Tensor& grad, int64_t N, int64_t C, int64_t H, int64_t W, at::MemoryFormat fmt) {
-  at::Tensor g = at::empty({N, C, H, W}, grad.options().dtype(at::toOpMathType(grad.scalar_type())).memory_format(fmt));
-  advise_huge_pages(g);
+  at::Tensor g = empty_output({N, C, H, W}, grad.options().dtype(at::toOpMathType(grad.scalar_type())), fmt);
   return g.zero_();
 }
 

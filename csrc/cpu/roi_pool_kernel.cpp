@@ -219,12 +219,11 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward(
   detail::check_pooled_size(kOp, pooled_height, pooled_width);
   const auto fmt = detail::layout_of(kOp, input);
   const int64_t K = rois.size(0), N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  at::Tensor output = at::empty({K, C, pooled_height, pooled_width}, input.options().memory_format(fmt));
+  at::Tensor output = empty_output({K, C, pooled_height, pooled_width}, input.options(), fmt);
   at::Tensor argmax = at::empty_like(output, output.options().dtype(at::kInt));
   if (output.numel() == 0) {
     return {output, argmax};
   }
-  advise_huge_pages(output);
   const at::Tensor in = input.contiguous(fmt);
   const at::Tensor r = detail::rois_as(rois, at::toOpMathType(input.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "roi_pool_forward", [&] {
