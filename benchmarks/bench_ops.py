@@ -378,6 +378,66 @@ def bench_nms(threads: int, min_time: float) -> list[dict]:
     return rows
 
 
+# FrozenBatchNorm2d layers of the R50-FPN backbone at an 800x1216 input: the stem (after conv1),
+# layer1 (its 64- and 256-channel maps) and layer3.
+FBN_SHAPES = [(1, 64, 400, 608), (1, 256, 200, 304), (1, 64, 200, 304), (1, 1024, 50, 76)]
+
+
+def bench_frozen_bn(threads: int, min_time: float, shapes=None) -> list[dict]:
+    """torchvision.ops.FrozenBatchNorm2d's forward (inference): torchvision's expression against
+    our fused kernel, NCHW and channels_last, float32 and bfloat16 input (float32 output in both:
+    the promoted dtype, outside autocast)."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.set_num_threads(threads)
+    rows = []
+    for shape in shapes or FBN_SHAPES:
+        n, c, h, w = shape
+        m = FrozenBatchNorm2d(c)
+        for b in m.buffers():
+            b.copy_(torch.rand(c) + 0.5)
+        x32 = torch.randn(shape)
+        name = f"frozen_batch_norm {list(shape)}"
+        baseline = None
+        for impl in ("torchvision", "ours"):
+            for layout in ("nchw", "channels_last"):
+                for dtype in (torch.float32, torch.bfloat16):
+                    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                    x = x32.to(dtype).contiguous(memory_format=fmt)
+                    (torchvision_cpu_ext.disable if impl == "torchvision" else torchvision_cpu_ext.enable)()
+                    try:
+                        with torch.inference_mode():
+                            sec = median_seconds("m(x)", {"m": m, "x": x}, min_time)
+                    finally:
+                        torchvision_cpu_ext.enable()
+                    if impl == "torchvision" and layout == "nchw" and dtype == torch.float32:
+                        baseline = sec
+                    rows.append(
+                        {
+                            "op": "frozen_batch_norm",
+                            "case": name,
+                            "direction": "forward",
+                            "impl": impl,
+                            "layout": layout,
+                            "dtype": str(dtype).replace("torch.", ""),
+                            "threads": threads,
+                            "ms": sec * 1e3,
+                            "speedup_vs_torchvision_fp32_nchw": baseline / sec,
+                            "gfma_per_s": None,
+                            # The input read and the float32 output written, once each; a multiply
+                            # and an add per element.
+                            "bytes": x.numel() * (x.element_size() + 4),
+                            "flops": 2 * x.numel(),
+                        }
+                    )
+                    print(
+                        f"  {name:36s} {impl:11s} {layout:13s} {rows[-1]['dtype']:8s} {threads}T "
+                        f"{sec * 1e3:9.2f} ms  x{baseline / sec:6.1f}",
+                        flush=True,
+                    )
+    return rows
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     lim = meta["limits"]
     out = [
@@ -407,7 +467,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The arguments that choose what is run (shared with benchmarks/report.py)."""
     ap.add_argument("--quick", action="store_true", help="P4 case only, short timing: a smoke run")
-    ap.add_argument("--ops", nargs="+", default=[*sorted(STATEMENTS), "nms"], help="ops to run (default: all)")
+    ap.add_argument(
+        "--ops", nargs="+", default=[*sorted(STATEMENTS), "nms", "frozen_batch_norm"], help="ops to run (default: all)"
+    )
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timing per row")
 
@@ -450,6 +512,10 @@ def run(a: argparse.Namespace) -> dict:
         for threads in a.threads:
             print(f"nms ({threads} thread{'s' if threads > 1 else ''})", flush=True)
             rows += bench_nms(threads, min_time)
+    if "frozen_batch_norm" in a.ops:
+        for threads in a.threads:
+            print(f"frozen_batch_norm ({threads} thread{'s' if threads > 1 else ''})", flush=True)
+            rows += bench_frozen_bn(threads, min_time, FBN_SHAPES[1:2] if a.quick else None)
     return {"meta": meta, "rows": rows}
 
 

@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-OPS = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "nms"]
+OPS = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "nms", "frozen_batch_norm"]
 # The dispatcher ops (torchvision::<name>) that each benchmarked op runs.
 KERNELS = {
     "roi_align": ["roi_align", "_roi_align_backward"],
@@ -39,10 +39,13 @@ KERNELS = {
     "ps_roi_align": ["ps_roi_align", "_ps_roi_align_backward"],
     "ps_roi_pool": ["ps_roi_pool", "_ps_roi_pool_backward"],
     "nms": ["nms", "boxes._batched_nms_vanilla"],  # the second: batched_nms's per-class loop
+    "frozen_batch_norm": ["FrozenBatchNorm2d.forward"],  # torchvision.ops' module, a Python function
 }
 VARIANT_ORDER = [
     ("torchvision", "nchw", "float32"),
     ("torchvision", "channels_last", "float32"),
+    ("torchvision", "nchw", "bfloat16"),
+    ("torchvision", "channels_last", "bfloat16"),
     ("ours", "nchw", "float32"),
     ("ours", "nchw", "bfloat16"),
     ("ours", "channels_last", "float32"),
@@ -53,6 +56,8 @@ VARIANT_ORDER = [
 COLOURS = {
     ("torchvision", "nchw", "float32"): "#9e9e9e",
     ("torchvision", "channels_last", "float32"): "#cfcfcf",
+    ("torchvision", "nchw", "bfloat16"): "#6b6b6b",
+    ("torchvision", "channels_last", "bfloat16"): "#e6e6e6",
     ("ours", "nchw", "float32"): "#1f5fa8",
     ("ours", "nchw", "bfloat16"): "#7fb2e5",
     ("ours", "channels_last", "float32"): "#d9640f",
@@ -60,7 +65,14 @@ COLOURS = {
     ("torchvision", "-", "float32"): "#9e9e9e",
     ("ours", "-", "float32"): "#1f5fa8",
 }
-OP_MARKERS = {"roi_align": "o", "roi_pool": "s", "ps_roi_align": "^", "ps_roi_pool": "v", "nms": "D"}
+OP_MARKERS = {
+    "roi_align": "o",
+    "roi_pool": "s",
+    "ps_roi_align": "^",
+    "ps_roi_pool": "v",
+    "nms": "D",
+    "frozen_batch_norm": "P",
+}
 IMPL_COLOURS = {"ours": "#1f5fa8", "torchvision": "#8a8a8a"}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "nchw": "NCHW", "channels_last": "CL", "-": ""}
 

@@ -20,7 +20,8 @@ fi
 pip_install() { "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" >&2; }
 if [ "$config" = native ]; then
   # Both pinned: torchvision 0.29.2 alone would accept any torch>=2.14.
-  pip_install torch==2.14.1 torchvision==0.29.2 "${common[@]}"
+  # matplotlib: the benchmark report's plots; tqdm: the demo's progress bar.
+  pip_install torch==2.14.1 torchvision==0.29.2 "${common[@]}" matplotlib tqdm
 else
   pip_install torch==2.13.0 "${common[@]}" pillow
   pip_install --no-deps torchvision==0.28.0

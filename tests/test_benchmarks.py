@@ -155,3 +155,13 @@ def test_report_takes_bench_ops_arguments():
     a = report.parser().parse_args(["--quick", "--threads", "2", "--ops", "nms", "--min-time", "0.1"])
     b = ap.parse_args(["--quick", "--threads", "2", "--ops", "nms", "--min-time", "0.1"])
     assert {k: v for k, v in vars(a).items() if k in vars(b)} == vars(b)
+
+
+def test_bench_frozen_bn_runs():
+    rows = bench_ops.bench_frozen_bn(1, 0.001, shapes=[(1, 8, 5, 6)])
+    assert [(r["impl"], r["layout"], r["dtype"]) for r in rows][:2] == [
+        ("torchvision", "nchw", "float32"),
+        ("torchvision", "nchw", "bfloat16"),
+    ]
+    assert len(rows) == 8 and all(r["ms"] > 0 and r["bytes"] > 0 for r in rows)
+    assert rows[0]["speedup_vs_torchvision_fp32_nchw"] == 1.0
