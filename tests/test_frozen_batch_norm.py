@@ -161,3 +161,12 @@ def test_bad_inputs():
         OP(torch.randn(1, 4, 2, 2), *args, torch.float16)
     with torch.inference_mode(), pytest.raises(RuntimeError, match=r"weight must have shape \[C\] = \[5\]"):
         m(torch.randn(1, 5, 2, 2))  # the module's channels do not match the input's
+
+
+def test_torchscript():
+    # torchvision's detection models can be scripted; the replaced forward must script too.
+    m = make_module(6)
+    x = make_input((2, 6, 5, 4), torch.float32, "channels_last")
+    scripted = torch.jit.script(m)
+    with torch.inference_mode():
+        assert torch.equal(scripted(x), torchvision_forward(m, x))

@@ -20,17 +20,22 @@ from torch import Tensor
 
 from ._common import AUTOCAST_CPU_KEYS, empty_like_layout
 
-_FAST_INPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _state: dict[str, object] = {"original": None, "lib": None}
 
 
 def forward(self, x: Tensor) -> Tensor:
-    """FrozenBatchNorm2d.forward while the override is on (same signature and results)."""
+    """FrozenBatchNorm2d.forward while the override is on (same signature and results).
+    Written in TorchScript's subset, as torchvision's models are scriptable."""
     fused = (
         x.device.type == "cpu"
         and x.dim() == 4
-        and x.dtype in _FAST_INPUT_DTYPES
-        and (self.weight.dtype == torch.float32 or (self.weight.dtype == x.dtype == torch.float64))
+        and (
+            x.dtype == torch.float32
+            or x.dtype == torch.float64
+            or x.dtype == torch.bfloat16
+            or x.dtype == torch.float16
+        )
+        and (self.weight.dtype == torch.float32 or (self.weight.dtype == torch.float64 and x.dtype == torch.float64))
         and not (torch.is_grad_enabled() and x.requires_grad)
     )
     if fused:
