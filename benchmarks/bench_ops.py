@@ -378,6 +378,8 @@ def bench_nms(threads: int, min_time: float) -> list[dict]:
     return rows
 
 
+ALL_OPS = [*sorted(STATEMENTS), "nms", "frozen_batch_norm"]
+
 # FrozenBatchNorm2d layers of the R50-FPN backbone at an 800x1216 input: the stem (after conv1),
 # layer1 (its 64- and 256-channel maps) and layer3.
 FBN_SHAPES = [(1, 64, 400, 608), (1, 256, 200, 304), (1, 64, 200, 304), (1, 1024, 50, 76)]
@@ -467,9 +469,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The arguments that choose what is run (shared with benchmarks/report.py)."""
     ap.add_argument("--quick", action="store_true", help="P4 case only, short timing: a smoke run")
-    ap.add_argument(
-        "--ops", nargs="+", default=[*sorted(STATEMENTS), "nms", "frozen_batch_norm"], help="ops to run (default: all)"
-    )
+    ap.add_argument("--ops", nargs="+", default=list(ALL_OPS), help="ops to run (default: all)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timing per row")
 

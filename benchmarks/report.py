@@ -568,7 +568,7 @@ def main() -> None:
         import bench_ops  # imports torch and builds or loads the kernels: only when benchmarking
 
         if a.ops is None:
-            a.ops = [*sorted(bench_ops.STATEMENTS), "nms"]
+            a.ops = list(bench_ops.ALL_OPS)
         data = bench_ops.run(a)
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "ops.json").write_text(json.dumps(data, indent=1))
