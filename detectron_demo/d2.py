@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import CANDIDATES_PER_IMAGE, CLASS_LOGIT_STD, LevelCalibratedRPNHead, Workload
+from .model import (
+    LevelCalibratedRPNHead,
+    Workload,
+    calibrate_classifier,
+    normalise_frozen_batch_norms,
+    standardise_objectness,
+)
 
 CONFIGS = {
     "faster_rcnn": "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml",
@@ -53,49 +59,17 @@ def build_model(kind: str = "faster_rcnn", seed: int = 0) -> Detectron2Model:
     return Detectron2Model(model).eval()
 
 
-def _set_stats_to_input(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    x = inputs[0].float()
-    module.running_mean.copy_(x.mean((0, 2, 3)))
-    module.running_var.copy_(x.var((0, 2, 3), unbiased=False))
-
-
 @torch.no_grad()
 def calibrate(wrapper: Detectron2Model, image: torch.Tensor) -> dict:
     model = wrapper.model
     images = model.preprocess_image([{"image": image.flip(0) * 255}])
-    frozen = [m for m in model.backbone.modules() if type(m).__name__ == "FrozenBatchNorm2d"]
-    hooks = [m.register_forward_pre_hook(_set_stats_to_input) for m in frozen]
-    try:
-        features = model.backbone(images.tensor)
-    finally:
-        for h in hooks:
-            h.remove()
+    features = normalise_frozen_batch_norms(model.backbone, lambda: model.backbone(images.tensor))
     rpn = model.proposal_generator
     head: LevelCalibratedRPNHead = rpn.rpn_head
-    head.scale.fill_(1.0)
-    head.shift.fill_(0.0)
-    logits, _ = head([features[f] for f in rpn.in_features])
-    k = rpn.pre_nms_topk[False]
-    for i, t in enumerate(logits):
-        top = t.flatten().topk(min(k, t.numel())).values
-        std = top.std().clamp_min(1e-12)
-        head.scale[i] = 1.0 / std
-        head.shift[i] = -top.mean() / std
+    standardise_objectness(head, [features[f] for f in rpn.in_features], rpn.pre_nms_topk[False])
     predictor = model.roi_heads.box_predictor
-    captured: list[torch.Tensor] = []
-    handle = predictor.register_forward_hook(lambda m, i, o: captured.append(o[0]))
-    try:
-        predictor.test_score_thresh = 1.0
-        wrapper([image])
-        std = captured[0].std()
-        predictor.cls_score.weight.mul_(CLASS_LOGIT_STD / std)
-        predictor.cls_score.bias.mul_(CLASS_LOGIT_STD / std)
-        captured.clear()
-        wrapper([image])
-    finally:
-        handle.remove()
-    scores = F.softmax(captured[0], -1)[:, :-1].flatten()  # detectron2's background is last
-    thresh = scores.topk(min(CANDIDATES_PER_IMAGE, scores.numel())).values[-1].item()
+    predictor.test_score_thresh = 1.0
+    thresh = calibrate_classifier(predictor, lambda: wrapper([image]), background=-1)
     predictor.test_score_thresh = thresh
     return {"rpn_logit_scale": head.scale.tolist(), "rpn_logit_shift": head.shift.tolist(), "box_score_thresh": thresh}
 

@@ -26,7 +26,7 @@ detections), so anyone can check that the RoI heads do full work.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -97,10 +97,65 @@ def synthetic_image(height: int, width: int, seed: int) -> torch.Tensor:
     return img.clamp_(0, 1)
 
 
-def _set_stats_to_input(module: FrozenBatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
+def _set_stats_to_input(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
     x = inputs[0].float()
     module.running_mean.copy_(x.mean((0, 2, 3)))
     module.running_var.copy_(x.var((0, 2, 3), unbiased=False))
+
+
+# The three calibration steps, shared with the detectron2 backend (d2.py); each takes the
+# backend's pieces, so only the wiring differs between the two.
+
+
+def normalise_frozen_batch_norms(backbone: nn.Module, run: Callable[[], object]) -> object:
+    """Step 1: `run` (a forward of the backbone) with a pre-hook on every frozen batch norm
+    (torchvision's or detectron2's class) that sets its statistics to those of its input, just
+    before it normalises: in network order, so each layer sees already calibrated inputs."""
+    hooks = [
+        m.register_forward_pre_hook(_set_stats_to_input)
+        for m in backbone.modules()
+        if type(m).__name__ == "FrozenBatchNorm2d"
+    ]
+    try:
+        return run()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def standardise_objectness(head: LevelCalibratedRPNHead, features: list[torch.Tensor], k: int) -> None:
+    """Step 2: per-level affine so each level's pre-NMS top-k objectness logits have mean 0, std 1."""
+    head.scale.fill_(1.0)
+    head.shift.fill_(0.0)
+    logits, _ = head(features)
+    for i, t in enumerate(logits):
+        top = t.flatten().topk(min(k, t.numel())).values
+        std = top.std().clamp_min(1e-12)
+        head.scale[i] = 1.0 / std
+        head.shift[i] = -top.mean() / std
+
+
+def calibrate_classifier(predictor: nn.Module, run: Callable[[], object], background: int) -> float:
+    """Step 3: scales the classifier (`predictor.cls_score`) to logits of deviation
+    CLASS_LOGIT_STD, and returns the score threshold above which CANDIDATES_PER_IMAGE (box, class)
+    pairs lie on the calibration image. `run` runs the model with nothing passing its threshold;
+    `background` is the background column (0 in torchvision, -1 in detectron2)."""
+    captured: list[torch.Tensor] = []
+    handle = predictor.register_forward_hook(lambda m, i, o: captured.append(o[0]))
+    try:
+        run()
+        factor = CLASS_LOGIT_STD / captured[0].std()
+        predictor.cls_score.weight.mul_(factor)
+        predictor.cls_score.bias.mul_(factor)
+        captured.clear()
+        run()
+    finally:
+        handle.remove()
+    probs = F.softmax(captured[0], -1)
+    keep = torch.ones(probs.shape[1], dtype=torch.bool)
+    keep[background] = False
+    scores = probs[:, keep].flatten()
+    return scores.topk(min(CANDIDATES_PER_IMAGE, scores.numel())).values[-1].item()
 
 
 @torch.no_grad()
@@ -108,51 +163,13 @@ def calibrate(model: nn.Module, image: torch.Tensor) -> dict:
     """Calibrates a `build_model` model on `image` (see the module docstring); returns what it set."""
     model.eval()
     images, _ = model.transform([image])
-    # 1. Batch norm, layer by layer: the pre-hook runs just before each layer normalises.
-    hooks = [
-        m.register_forward_pre_hook(_set_stats_to_input)
-        for m in model.backbone.modules()
-        if isinstance(m, FrozenBatchNorm2d)
-    ]
-    try:
-        features = model.backbone(images.tensors)
-    finally:
-        for h in hooks:
-            h.remove()
-    features = list(features.values())
-    # 2. Objectness: per-level affine so each level's pre-NMS top-k logits are standardised.
+    features = normalise_frozen_batch_norms(model.backbone, lambda: model.backbone(images.tensors))
     head: LevelCalibratedRPNHead = model.rpn.head
-    head.scale.fill_(1.0)
-    head.shift.fill_(0.0)
-    logits, _ = head(features)
-    k = model.rpn._pre_nms_top_n["testing"]
-    for i, t in enumerate(logits):
-        top = t.flatten().topk(min(k, t.numel())).values
-        std = top.std().clamp_min(1e-12)
-        head.scale[i] = 1.0 / std
-        head.shift[i] = -top.mean() / std
-    # 3. Box classifier: scale its logits, then pick the score threshold for ~1000 candidates.
-    predictor = model.roi_heads.box_predictor
-    captured: list[torch.Tensor] = []
-    handle = predictor.register_forward_hook(lambda m, i, o: captured.append(o[0]))
-    try:
-        model.roi_heads.score_thresh = 1.0  # nothing reaches the NMS during calibration
-        model([image])
-        std = captured[0].std()
-        predictor.cls_score.weight.mul_(CLASS_LOGIT_STD / std)
-        predictor.cls_score.bias.mul_(CLASS_LOGIT_STD / std)
-        captured.clear()
-        model([image])
-    finally:
-        handle.remove()
-    scores = F.softmax(captured[0], -1)[:, 1:].flatten()
-    thresh = scores.topk(min(CANDIDATES_PER_IMAGE, scores.numel())).values[-1].item()
+    standardise_objectness(head, list(features.values()), model.rpn._pre_nms_top_n["testing"])
+    model.roi_heads.score_thresh = 1.0  # nothing reaches the final NMS while calibrating
+    thresh = calibrate_classifier(model.roi_heads.box_predictor, lambda: model([image]), background=0)
     model.roi_heads.score_thresh = thresh
-    return {
-        "rpn_logit_scale": head.scale.tolist(),
-        "rpn_logit_shift": head.shift.tolist(),
-        "box_score_thresh": thresh,
-    }
+    return {"rpn_logit_scale": head.scale.tolist(), "rpn_logit_shift": head.shift.tolist(), "box_score_thresh": thresh}
 
 
 @dataclass
