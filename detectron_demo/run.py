@@ -6,7 +6,7 @@ with torchvision_cpu_ext, channels_last and bfloat16 autocast?
 One process times every configuration: stock torchvision (torchvision_cpu_ext.disable()) and
 the package (enable()), NCHW and channels_last, float32 and torch.autocast("cpu", bfloat16), at
 all threads and at 1 thread, batch 1 and 2. Calls are interleaved (each round runs every
-configuration once, in rotated order) so drift on a shared machine hits all of them alike;
+configuration once, in a seeded random order) so drift on a shared machine hits all of them alike;
 the table reports the median per configuration and its speedup over stock NCHW float32 of the
 same batch and thread count. It also checks that the package's detections equal stock ones,
 prints a torch.profiler breakdown before and after, and writes JSON.
@@ -23,6 +23,7 @@ import contextlib
 import copy
 import json
 import platform
+import random
 import statistics
 import sys
 import time
@@ -141,11 +142,12 @@ def progress(total: int, quiet: bool):
 
 
 def time_group(run: Runner, configs: list[Config], images, threads: int, warmup: int, iters: int, bar) -> dict:
-    """Median seconds per configuration, rounds interleaved in rotated order."""
+    """Seconds per call of each configuration; every round runs each configuration once."""
     samples: dict[Config, list[float]] = {c: [] for c in configs}
     for r in range(warmup + iters):
-        k = r % len(configs)
-        for cfg in configs[k:] + configs[:k]:
+        order = list(configs)
+        random.Random(r).shuffle(order)  # a new seeded order each round: no fixed neighbours
+        for cfg in order:
             bar.set_description(f"batch {len(images)}, {threads}T, {cfg.label}")
             run.select(cfg, threads)
             try:
@@ -236,6 +238,8 @@ def profile(run: Runner, cfg: Config, images, threads: int, top: int) -> dict:
     finally:
         torchvision_cpu_ext.enable()
     events = prof.events()
+    # Shares are of the total op time (the sum of every op's self time), which leaves out the
+    # Python between ops: a larger share than of the wall time, so the stricter number.
     total_self = sum(e.self_cpu_time_total for e in events) or 1.0
 
     def top_level(e, prefix: tuple[str, ...]) -> bool:
@@ -256,7 +260,8 @@ def profile(run: Runner, cfg: Config, images, threads: int, top: int) -> dict:
         "config": asdict(cfg),
         "threads": threads,
         "wall_s": wall,
-        "torchvision_ops_share": share(("torchvision::",)),
+        # torchvision's ops, and the package's replacement of batched_nms's per-class loop.
+        "torchvision_ops_share": share(("torchvision::", "torchvision_cpu_ext::_batched_nms_keep_mask")),
         "roi_align_share": share(("torchvision::roi_align",)),
         "frozen_batch_norm_share": share(("torchvision_cpu_ext::frozen_batch_norm",)),
         "top": [
@@ -275,7 +280,8 @@ def fmt_profile(p: dict) -> str:
     c = Config(**p["config"])
     lines = [
         f"profile: {c.label}, {p['threads']} thread(s), {p['wall_s'] * 1e3:.0f} ms (profiled call); "
-        f"torchvision ops {100 * p['torchvision_ops_share']:.1f}% (roi_align {100 * p['roi_align_share']:.1f}%), "
+        f"of op time: torchvision ops {100 * p['torchvision_ops_share']:.1f}% "
+        f"(roi_align {100 * p['roi_align_share']:.1f}%), "
         f"fused FrozenBatchNorm2d {100 * p['frozen_batch_norm_share']:.1f}%",
         "| op | self ms | share | calls |",
         "|---|---|---|---|",
@@ -456,7 +462,8 @@ def render(r: dict) -> str:
         "",
         f"- CPU: {m['cpu']} ({m['all_threads']} threads), kernels {m['isa_variant']}; torch {m['torch']}, "
         f"torchvision {m['torchvision']}, Python {m['python']}",
-        f"- command: `{m['command']}`; median of {m['iters']} interleaved calls after {m['warmup']} warm-up round(s)",
+        f"- command: `{m['command']}`; median of {m['iters']} interleaved calls (seeded random order per "
+        f"round) after {m['warmup']} warm-up round(s)",
         *(
             ["- quick smoke run (small images, one timed call): the times below are not measurements"]
             if m["quick"]

@@ -42,6 +42,13 @@ def torchvision_forward(m: FrozenBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     return original(m, x)
 
 
+def run_module(m: FrozenBatchNorm2d, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """m(x) for inference, and whether the fused op ran (read from the profiler's events)."""
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        out = m(x)
+    return out, any(e.name == "torchvision_cpu_ext::frozen_batch_norm" for e in prof.events())
+
+
 def float64_reference(m: FrozenBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     scale = m.weight.double() / (m.running_var.double() + m.eps).sqrt()
     shift = m.bias.double() - m.running_mean.double() * scale
@@ -66,11 +73,12 @@ def test_module_forward_is_ours_while_enabled():
 def test_equals_torchvision_bitwise(shape, dtype, layout, threads):
     m = make_module(shape[1])
     x = make_input(shape, dtype, layout)
-    with torch.inference_mode():
-        out = m(x)
-        expected = torchvision_forward(m, x)
-    assert out.dtype == expected.dtype  # the promoted dtype: float32 for a bfloat16 input
-    assert torch.equal(out, expected)
+    expected = torchvision_forward(m, x)
+    direct = OP(x, m.weight, m.bias, m.running_mean, m.running_var, m.eps)
+    out, fused = run_module(m, x)
+    assert fused  # the module ran our op, not torchvision's expression
+    assert out.dtype == direct.dtype == expected.dtype  # the promoted dtype: float32 for a bfloat16 input
+    assert torch.equal(out, expected) and torch.equal(direct, expected)
     if layout == "channels_last" and out.numel():
         assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out.double(), float64_reference(m, x), rtol=1e-5, atol=1e-5)
@@ -79,7 +87,8 @@ def test_equals_torchvision_bitwise(shape, dtype, layout, threads):
 def test_float64_buffers_and_input():
     m = make_module(7, torch.float64)
     x = make_input((2, 7, 5, 6), torch.float64, "nchw")
-    assert torch.equal(m(x), torchvision_forward(m, x))
+    out, fused = run_module(m, x)
+    assert fused and torch.equal(out, torchvision_forward(m, x))
 
 
 def test_float32_buffers_float64_input():
@@ -93,7 +102,21 @@ def test_float32_buffers_float64_input():
 def test_reduced_precision_buffers_use_torchvisions_expression(buffers):
     m = make_module(6, buffers)
     x = make_input((1, 6, 4, 4), buffers, "nchw")
-    assert torch.equal(m(x), torchvision_forward(m, x))
+    out, fused = run_module(m, x)
+    assert not fused and torch.equal(out, torchvision_forward(m, x))
+
+
+def test_inputs_the_kernel_does_not_take_get_torchvisions_result():
+    m = make_module(5)
+    m.running_var.data = m.running_var.double()  # mixed buffer dtypes: torchvision promotes
+    x = make_input((2, 5, 4, 4), torch.float32, "nchw")
+    out, fused = run_module(m, x)
+    assert not fused and out.dtype == torch.float64 and torch.equal(out, torchvision_forward(m, x))
+    one = make_module(1)  # one-channel buffers broadcast over a 5-channel input
+    out, fused = run_module(one, x)
+    assert not fused and torch.equal(out, torchvision_forward(one, x))
+    out, fused = run_module(make_module(5), make_input((2, 5, 4, 4), torch.float32, "nchw")[:, :1])
+    assert not fused and out.shape == (2, 5, 4, 4)  # and a one-channel input over five-channel buffers
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -109,6 +132,26 @@ def test_autocast_keeps_reduced_precision(dtype, layout, threads):
         assert out.is_contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert m(x.float()).dtype == torch.float32  # a float32 input is left alone
+
+
+def test_grad_mode_and_forward_ad_use_torchvisions_expression():
+    m = make_module(5, torch.float64)
+    x = make_input((2, 5, 4, 4), torch.float64, "nchw")
+    # A buffer that requires grad (the input does not): its gradient is torchvision's.
+    m.weight.requires_grad_()
+    m(x).sum().backward()
+    g_ours = m.weight.grad.clone()
+    m.weight.grad = None
+    torchvision_forward(m, x).sum().backward()
+    assert torch.equal(g_ours, m.weight.grad)
+    m.weight.requires_grad_(False)
+    # Forward AD, and torch.func transforms built on it.
+    t = torch.randn_like(x)
+    with torch.autograd.forward_ad.dual_level():
+        tangent = torch.autograd.forward_ad.unpack_dual(m(torch.autograd.forward_ad.make_dual(x, t))).tangent
+    assert tangent is not None and torch.allclose(tangent, torchvision_forward(m, t) - torchvision_forward(m, 0 * t))
+    jac = torch.func.jacfwd(lambda a: m(a).sum())(x)
+    assert torch.allclose(jac, torchvision_forward(m, torch.ones_like(x)) - torchvision_forward(m, torch.zeros_like(x)))
 
 
 def test_autograd_uses_torchvisions_expression():
@@ -159,14 +202,17 @@ def test_bad_inputs():
         OP(torch.randn(1, 4, 2, 2), *d, m.eps)
     with pytest.raises(RuntimeError, match="dtype must be the input's"):
         OP(torch.randn(1, 4, 2, 2), *args, torch.float16)
-    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"weight must have shape \[C\] = \[5\]"):
-        m(torch.randn(1, 5, 2, 2))  # the module's channels do not match the input's
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="must match"):
+        m(torch.randn(1, 5, 2, 2))  # channels that do not broadcast: torchvision's own error
 
 
 def test_torchscript():
     # torchvision's detection models can be scripted; the replaced forward must script too.
     m = make_module(6)
     x = make_input((2, 6, 5, 4), torch.float32, "channels_last")
+    m.eps = 1  # an int eps scripts with torchvision's forward, so it must with ours
     scripted = torch.jit.script(m)
+    # A scripted module keeps torchvision's expression: it runs without this package.
+    assert "torchvision_cpu_ext" not in scripted.code
     with torch.inference_mode():
         assert torch.equal(scripted(x), torchvision_forward(m, x))

@@ -54,18 +54,41 @@ def test_pooled_tensors_behave_like_any_other():
     expected = y.clone()
     y.resize_(2, *LARGE[1:])  # grows through the pool's allocator
     assert torch.equal(y[:1], expected)
-    y.resize_(0)
+    y.untyped_storage().resize_(100)  # a block below the pool's minimum is freed, not kept
     del y
-    # roi_align's output and a backward's grad_input come from the pool too.
-    x = torch.randn(1, 256, 40, 40, requires_grad=True)
+    five_mib = 64 * 128 * 160 * 4
+    assert stats()[0] == five_mib + 2 * five_mib  # the blocks the two resizes gave back
+    torchvision_cpu_ext.empty_cache()
+    # roi_align's output and the backward's grad_input come from the pool too.
+    x = torch.randn(1, 256, 64, 64, requires_grad=True)  # grad_input: 4 MiB
     rois = torch.tensor([[0, 0.0, 0.0, 30.0, 30.0]] * 600)
     out = roi_align(x, rois, 7, 1.0, 2, True)
-    assert out.untyped_storage().nbytes() >= 4 << 20
+    out_bytes = out.untyped_storage().nbytes()
+    assert out_bytes >= 4 << 20
     out.sum().backward()
-    assert x.grad is not None and x.grad.shape == x.shape
     del out
-    assert stats()[0] > 0
+    assert stats()[0] == out_bytes
+    grad_bytes = x.grad.untyped_storage().nbytes()
+    x.grad = None
+    assert stats()[0] == out_bytes + grad_bytes
     torchvision_cpu_ext.empty_cache()
+
+
+def test_cap_evicts_the_oldest_blocks():
+    out = run_python(
+        "import torch, torchvision_cpu_ext\n"
+        "op = torch.ops.torchvision_cpu_ext.frozen_batch_norm\n"
+        "w = torch.ones(64)\n"
+        "ys = [op(torch.randn(1, 64, 128, 160 + i), w, w, w, w, 1e-5) for i in range(4)]\n"
+        "del ys\n"
+        "print(*torch.ops.torchvision_cpu_ext._output_pool_stats())",
+        TORCHVISION_CPU_EXT_POOL_MB="12",
+    )
+    cached, cap = map(int, out.split())
+    assert cap == 12 << 20
+    block = 64 * 128 * 4  # bytes per unit of width
+    assert cached in (block * (162 + 163), block * (161 + 162), block * (160 + 161), block * (160 + 163))
+    assert cached <= cap
 
 
 def test_cap_from_the_environment():
@@ -78,3 +101,8 @@ def test_cap_from_the_environment():
         TORCHVISION_CPU_EXT_POOL_MB="0",
     )
     assert out.split() == ["0", "0"]
+    bad = run_python(
+        "import torch, torchvision_cpu_ext; print(*torch.ops.torchvision_cpu_ext._output_pool_stats())",
+        TORCHVISION_CPU_EXT_POOL_MB="-1",
+    )
+    assert bad.split()[1] == str(256 << 20)  # rejected (with a warning): the default

@@ -59,6 +59,9 @@ class OutputPool final : public c10::Allocator {
   }
 
   c10::DataPtr allocate(size_t n) override {
+    if (n == 0) {
+      return {nullptr, nullptr, nullptr, c10::Device(c10::kCPU)};
+    }
     void* p = take(n);
     if (p == nullptr) {
       p = c10::alloc_cpu(n);
@@ -98,9 +101,21 @@ class OutputPool final : public c10::Allocator {
     size_t size;
   };
 
+  // TORCHVISION_CPU_EXT_POOL_MB: a whole number of MiB in [0, 1048576]; anything else is
+  // reported and the default (256) is used.
   OutputPool() {
-    const char* env = std::getenv("TORCHVISION_CPU_EXT_POOL_MB");
-    cap_ = (env != nullptr ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : size_t(256)) << 20;
+    size_t mb = 256;
+    if (const char* env = std::getenv("TORCHVISION_CPU_EXT_POOL_MB"); env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      const long long v = std::strtoll(env, &end, 10);
+      if (*end == '\0' && v >= 0 && v <= (1LL << 20)) {
+        mb = static_cast<size_t>(v);
+      } else {
+        TORCH_WARN("torchvision_cpu_ext: TORCHVISION_CPU_EXT_POOL_MB=", env,
+                   " is not a whole number of MiB in [0, 1048576]; using 256");
+      }
+    }
+    cap_ = mb << 20;
   }
 
   void* take(size_t n) {
@@ -126,7 +141,7 @@ class OutputPool final : public c10::Allocator {
     std::list<std::pair<size_t, void*>> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (n > cap_) {
+      if (n > cap_ || n < kPoolMin) {  // (a resize_ of a pooled tensor may ask for any size)
         evicted.emplace_back(n, p);
       } else {
         free_.emplace_front(n, p);

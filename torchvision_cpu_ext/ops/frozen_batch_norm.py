@@ -4,18 +4,20 @@ Every batch-norm layer of torchvision's detection backbones is a FrozenBatchNorm
 forward runs `x * scale + bias` as two passes over the activation (and, for a bfloat16 input,
 returns float32). While the override is on, its forward is replaced by one that calls
 `torchvision_cpu_ext::frozen_batch_norm` for CPU inference: the same values (bit for bit in
-float32/float64, see NOTE [ frozen_batch_norm ]) in one pass. When autograd records (fine-tuning
-with an input that requires grad) or the buffers are not float32/float64, torchvision's own
-expression runs, unchanged.
+float32/float64, see NOTE [ frozen_batch_norm ]) in one pass, for inference (under torch.no_grad()
+or torch.inference_mode(), as detection inference runs). With grad mode on (fine-tuning, or
+torch.func transforms), forward AD, TorchScript, or inputs and buffers the kernel does not take,
+torchvision's own expression runs, unchanged.
 
 Under torch.autocast("cpu", dtype=bfloat16/float16), the AutocastCPU rule keeps a reduced
 precision input's dtype for the output, so a backbone stays in bfloat16 between convolutions
-instead of switching to float32 after every batch norm.
+instead of switching to float32 after every batch norm (a deliberate difference from
+torchvision, whose expression returns float32 there: the residual additions after it then run in
+bfloat16 too). With grad mode on, torchvision's expression and its float32 output are kept.
 """
 
-from __future__ import annotations
-
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from ._common import AUTOCAST_CPU_KEYS, empty_like_layout
@@ -23,26 +25,37 @@ from ._common import AUTOCAST_CPU_KEYS, empty_like_layout
 _state: dict[str, object] = {"original": None, "lib": None}
 
 
-def forward(self, x: Tensor) -> Tensor:
-    """FrozenBatchNorm2d.forward while the override is on (same signature and results).
-    Written in TorchScript's subset, as torchvision's models are scriptable."""
-    fused = (
-        x.device.type == "cpu"
-        and x.dim() == 4
-        and (
-            x.dtype == torch.float32
-            or x.dtype == torch.float64
-            or x.dtype == torch.bfloat16
-            or x.dtype == torch.float16
-        )
-        and (self.weight.dtype == torch.float32 or (self.weight.dtype == torch.float64 and x.dtype == torch.float64))
-        and not (torch.is_grad_enabled() and x.requires_grad)
+_FUSED_INPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@torch.jit.unused  # TorchScript compiles forward without it (scripted modules use the expression)
+def use_fused(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor) -> bool:
+    """Whether the fused op gives exactly what torchvision's expression gives: CPU inference
+    (no autograd recording and no forward-mode AD, which the op does not implement), a strided
+    4-D input, and four 1-D CPU buffers of one dtype (float32, or float64 with a float64 input)
+    with the input's channel count (torchvision's broadcasting covers other shapes; it runs then)."""
+    if torch.is_grad_enabled() or fwAD._current_level >= 0:
+        return False
+    if x.device.type != "cpu" or x.layout != torch.strided or x.dim() != 4 or x.dtype not in _FUSED_INPUT_DTYPES:
+        return False
+    wd = weight.dtype
+    if not (wd == torch.float32 or (wd == torch.float64 and x.dtype == torch.float64)):
+        return False
+    return all(
+        b.dtype == wd and b.device.type == "cpu" and b.dim() == 1 and b.size(0) == x.size(1)
+        for b in (weight, bias, running_mean, running_var)
     )
-    if fused:
+
+
+def forward(self, x: Tensor) -> Tensor:
+    """FrozenBatchNorm2d.forward while the override is on: torchvision's results (bit for bit
+    outside autocast), in one pass under torch.no_grad() / torch.inference_mode(). Scripted
+    modules keep torchvision's expression, so they do not depend on this package."""
+    if not torch.jit.is_scripting() and use_fused(x, self.weight, self.bias, self.running_mean, self.running_var):
         return torch.ops.torchvision_cpu_ext.frozen_batch_norm(
-            x, self.weight, self.bias, self.running_mean, self.running_var, self.eps
+            x, self.weight, self.bias, self.running_mean, self.running_var, float(self.eps)
         )
-    # torchvision's expression (ops/misc.py), for autograd and unusual dtypes.
+    # torchvision's expression (ops/misc.py): autograd, forward AD, TorchScript, other inputs.
     w = self.weight.reshape(1, -1, 1, 1)
     b = self.bias.reshape(1, -1, 1, 1)
     rv = self.running_var.reshape(1, -1, 1, 1)
