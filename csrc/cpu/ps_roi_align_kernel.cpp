@@ -102,14 +102,10 @@ at::Tensor ps_roi_align_backward(
     int64_t height,
     int64_t width) {
   constexpr const char* op = "_ps_roi_align_backward";
-  detail::check_roi_inputs(op, grad, rois);
-  detail::check_pooled_size(op, pooled_height, pooled_width);
   const int64_t PH = pooled_height, PW = pooled_width;
-  detail::check_input_shape(op, batch_size, channels, height, width);
-  const int64_t Cout = detail::ps_channels_out(op, channels, PH, PW);
+  const int64_t Cout =
+      detail::check_ps_backward(op, grad, rois, channel_mapping, PH, PW, batch_size, channels, height, width);
   const int64_t K = rois.size(0);
-  detail::check_grad_shape(op, grad, K, Cout, PH, PW);
-  detail::check_channel_mapping(op, channel_mapping, grad, PH, PW);
   const auto fmt = detail::layout_of(op, grad);
   const auto acc_type = at::toOpMathType(grad.scalar_type());
   at::Tensor grad_in = detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt);

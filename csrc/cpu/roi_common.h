@@ -435,5 +435,18 @@ inline at::Tensor rois_as(const at::Tensor& rois, at::ScalarType acc) {
   return rois.to(acc).contiguous();
 }
 
+// The checks both position-sensitive backwards make; returns the output channel count.
+inline int64_t check_ps_backward(
+    const char* op, const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& channel_mapping, int64_t PH,
+    int64_t PW, int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
+  check_roi_inputs(op, grad, rois);
+  check_pooled_size(op, PH, PW);
+  check_input_shape(op, batch_size, channels, height, width);
+  const int64_t Cout = ps_channels_out(op, channels, PH, PW);
+  check_grad_shape(op, grad, rois.size(0), Cout, PH, PW);
+  check_channel_mapping(op, channel_mapping, grad, PH, PW);
+  return Cout;
+}
+
 } // namespace detail
 } // namespace tvce
