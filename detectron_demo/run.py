@@ -261,7 +261,7 @@ def profile(run: Runner, cfg: Config, images, threads: int, top: int) -> dict:
         "threads": threads,
         "wall_s": wall,
         # torchvision's ops, and the package's replacement of batched_nms's per-class loop.
-        "torchvision_ops_share": share(("torchvision::", "torchvision_cpu_ext::_batched_nms_keep_mask")),
+        "torchvision_ops_share": share(("torchvision::", "torchvision_cpu_ext::_batched_nms")),
         "roi_align_share": share(("torchvision::roi_align",)),
         "frozen_batch_norm_share": share(("torchvision_cpu_ext::frozen_batch_norm",)),
         "top": [

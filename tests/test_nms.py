@@ -8,6 +8,7 @@ from conftest import NATIVE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import nms as ref_nms
+from reference import nms_rows
 from torchvision.ops import batched_nms, nms
 
 import torchvision_cpu_ext
@@ -70,6 +71,38 @@ def test_equals_reference(dtype, threads):
         )
         for thr in THRESHOLDS:
             assert torch.equal(OP(boxes, scores, thr), ref_nms(boxes, scores, thr)), (seed, thr)
+
+
+def test_row_reference_equals_pair_reference():
+    """nms_rows (used for the large cases below) is checked against the pair-at-a-time one."""
+    for seed in range(6):
+        boxes, scores = random_case(60, seed, crowded=seed % 2 == 1, ties=True, special=True)
+        for thr in (-0.1, *THRESHOLDS):
+            assert torch.equal(nms_rows(boxes, scores, thr), ref_nms(boxes, scores, thr)), (seed, thr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("crowded", [False, True], ids=["random", "crowded"])
+def test_large_inputs_equal_reference(crowded, dtype, threads):
+    """Thousands of boxes: many blocks, the spatial pruning (finite boxes, threshold >= 0) with
+    its compaction, and the unpruned path (NaN/inf boxes, or a negative threshold)."""
+    for seed, (n, special) in enumerate([(5000, False), (6007, True)]):
+        boxes, scores = random_case(n, 100 + seed, crowded, ties=seed == 1, special=special, dtype=dtype)
+        for thr in (-0.1, 0.0, 0.5, 0.7):
+            assert torch.equal(OP(boxes, scores, thr), nms_rows(boxes, scores, thr)), (n, thr)
+
+
+def test_signed_zero_and_nan_scores_order_like_torchvision():
+    """-0.0 and +0.0 scores tie (index order), NaN scores come first: the radix sort's keys."""
+    boxes, _ = random_case(3000, 11, crowded=True, ties=False, special=False)
+    g = torch.Generator().manual_seed(12)
+    scores = torch.tensor([0.0, -0.0, 0.5, float("nan"), -0.5, float("inf"), float("-inf")])[
+        torch.randint(0, 7, (3000,), generator=g)
+    ]
+    for thr in (0.3, 0.7):
+        assert torch.equal(OP(boxes, scores, thr), nms_rows(boxes, scores, thr))
+        if NATIVE:
+            assert torch.equal(OP(boxes, scores, thr), torchvision_nms(boxes, scores, thr))
 
 
 def test_iou_exactly_at_threshold_is_kept():
@@ -163,20 +196,29 @@ def test_property_matches_reference(boxes, scores, thr):
         assert torch.equal(ours, torchvision_nms(b, s, thr))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 @pytest.mark.parametrize("n", [1200, 5000])
-def test_batched_nms_large_path_is_identical(n, threads):
+def test_batched_nms_large_path_is_identical(n, ties, dtype, threads):
     """Above 4000 coordinates torchvision loops over classes in Python (_batched_nms_vanilla);
-    ours replaces that loop and must return the very same tensor."""
+    ours replaces that loop and must return the very same tensor, including the order of the
+    unstable score sort (distinct kept scores: our own sort; ties: the same tensor sort)."""
     import torchvision.ops.boxes as tv_boxes
 
-    boxes, scores = random_case(n, 7, crowded=True, ties=True, special=False)
+    boxes, scores = random_case(n, 7, crowded=True, ties=False, special=False)
+    if ties:
+        scores = (scores * 64).round() / 64
+    else:  # distinct
+        scores = torch.randperm(n, generator=torch.Generator().manual_seed(4)).float() / n
+    boxes, scores = boxes.to(dtype), scores.to(dtype)
+    native = NATIVE and dtype != torch.bfloat16  # torchvision's nms has no bfloat16
     idxs = torch.randint(0, 80, (n,), generator=torch.Generator().manual_seed(3))
     assert tv_boxes._batched_nms_vanilla.__module__ == "torchvision_cpu_ext.ops.nms"
     ours = batched_nms(boxes, scores, idxs, 0.5)
-    if NATIVE:
+    if native:
         torchvision_cpu_ext.disable()
     try:
-        if NATIVE:
+        if native:
             assert tv_boxes._batched_nms_vanilla.__module__ == "torchvision.ops.boxes"
         expected = torch.zeros(n, dtype=torch.bool)
         for c in torch.unique(idxs):
@@ -185,17 +227,21 @@ def test_batched_nms_large_path_is_identical(n, threads):
         kept = torch.where(expected)[0]
         expected_order = kept[scores[kept].sort(descending=True)[1]]
         assert torch.equal(ours, expected_order)
-        if NATIVE:
+        if native:
             assert torch.equal(ours, batched_nms(boxes, scores, idxs, 0.5))
     finally:
         torchvision_cpu_ext.enable()
 
 
-def test_batched_nms_keep_mask_opcheck_and_errors():
+def test_batched_nms_opcheck_and_errors():
     boxes, scores = random_case(60, 2, crowded=True, ties=False, special=False)
     idxs = torch.randint(0, 4, (60,))
     torch.library.opcheck(
-        torch.ops.torchvision_cpu_ext._batched_nms_keep_mask, (boxes, scores, idxs, 0.5), test_utils="test_faketensor"
+        torch.ops.torchvision_cpu_ext._batched_nms,
+        (boxes, scores, idxs, 0.5),
+        test_utils=("test_schema", "test_faketensor"),
     )
     with pytest.raises(RuntimeError, match="idxs must be an integer tensor of shape"):
-        torch.ops.torchvision_cpu_ext._batched_nms_keep_mask(boxes, scores, idxs.float(), 0.5)
+        torch.ops.torchvision_cpu_ext._batched_nms(boxes, scores, idxs.float(), 0.5)
+    with pytest.raises(RuntimeError, match=r"boxes must have shape \[N, 4\]"):
+        torch.ops.torchvision_cpu_ext._batched_nms(boxes[:, :3], scores, idxs, 0.5)

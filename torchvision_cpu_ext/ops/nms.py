@@ -4,9 +4,9 @@ The nms kernel itself is csrc/cpu/nms_kernel.cpp (torchvision's own fake kernel 
 rule serve it: boxes go to fp32 under autocast). On CPU, torchvision.ops.batched_nms runs
 `_batched_nms_vanilla` above 4000 box coordinates: a Python loop calling nms once per class,
 where the per-call overhead dominates (80 classes, 5000 boxes). While the override is on,
-that function is replaced by one that computes the same keep mask in a single call (per-class
-nms in C++, classes in parallel) and then orders it with the same tensor sort, so its result
-is identical. torchvision's detection models and detectron2 call it through
+that function is replaced by one C++ call with the same result: per-class nms (classes in
+parallel), the kept indices ordered by score exactly as torchvision's unstable tensor sort
+orders them (csrc/cpu/nms_kernel.cpp: batched_nms). torchvision's detection models and detectron2 call it through
 torchvision.ops.boxes, where it is looked up at call time.
 """
 
@@ -23,18 +23,17 @@ def batched_nms_vanilla(
     original = _state["original"]
     if boxes.device.type != "cpu" or idxs.is_floating_point() or original is None:
         return original(boxes, scores, idxs, iou_threshold)  # type: ignore[operator]
-    keep_mask = torch.ops.torchvision_cpu_ext._batched_nms_keep_mask(boxes, scores, idxs, iou_threshold)
-    keep_indices = torch.where(keep_mask)[0]
-    return keep_indices[scores[keep_indices].sort(descending=True)[1]]
+    return torch.ops.torchvision_cpu_ext._batched_nms(boxes, scores, idxs, iou_threshold)
 
 
-def _fake_keep_mask(boxes, scores, idxs, iou_threshold):
-    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+def _fake_batched_nms(boxes, scores, idxs, iou_threshold):
+    kept = torch.library.get_ctx().new_dynamic_size()
+    return scores.new_empty(kept, dtype=torch.long)
 
 
 def register(lib: torch.library.Library) -> None:
     if not _state["fake_registered"]:
-        torch.library.register_fake("torchvision_cpu_ext::_batched_nms_keep_mask", _fake_keep_mask)
+        torch.library.register_fake("torchvision_cpu_ext::_batched_nms", _fake_batched_nms)
         _state["fake_registered"] = True
     # Imported here: in the fallback mode torchvision may only be imported once its ops exist.
     import torchvision.ops.boxes as tv_boxes
