@@ -92,6 +92,16 @@ def test_large_inputs_equal_reference(crowded, dtype, threads):
             assert torch.equal(OP(boxes, scores, thr), nms_rows(boxes, scores, thr)), (n, thr)
 
 
+def test_huge_finite_coordinates():
+    """The spatial grid's extent overflows in float64 (1.5e308 - -1e308): cells are clamped."""
+    boxes, scores = random_case(300, 13, crowded=False, ties=False, special=False, dtype=torch.float64)
+    far = [[-1e308, -1e308, -1e307, -1e307], [1.5e308, 1.5e308, 1.7e308, 1.7e308]]
+    boxes[:5] = torch.tensor(far * 2 + [[0, 0, 1, 1]])
+    for thr in (0.0, 0.5):
+        assert torch.equal(OP(boxes, scores, thr), nms_rows(boxes, scores, thr))
+        assert torch.equal(OP(boxes.float(), scores.float(), thr), nms_rows(boxes.float(), scores.float(), thr))
+
+
 def test_signed_zero_and_nan_scores_order_like_torchvision():
     """-0.0 and +0.0 scores tie (index order), NaN scores come first: the radix sort's keys."""
     boxes, _ = random_case(3000, 11, crowded=True, ties=False, special=False)

@@ -179,12 +179,13 @@ uint64_t may_overlap<float>(const Soa<float>& k, int64_t g, float rx1, float ry1
 }
 #endif
 
-// Bit l set where dead[l] == 0, l < L; reads 16 bytes on x86.
+// Bit l set where dead[l] == 0, l < L. Reads only the L bytes of the vector: the bytes after
+// it may belong to another thread's vectors.
 inline uint64_t live_lanes(const uint8_t* dead, int64_t L) {
 #if defined(__SSE2__)
-  if (L <= 16) {
+  if (L == 16) {
     const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(dead));
-    return static_cast<uint64_t>(_mm_movemask_epi8(_mm_cmpeq_epi8(d, _mm_setzero_si128()))) & ((uint64_t(1) << L) - 1);
+    return static_cast<uint64_t>(_mm_movemask_epi8(_mm_cmpeq_epi8(d, _mm_setzero_si128())));
   }
 #endif
   uint64_t live = 0;
@@ -314,7 +315,7 @@ void greedy_nms(
   const bool prune = finite && thr >= T(0);
 
   // Later boxes in spatial order (p): slot q holds rank prank[q]; slot_of maps back (-1 once
-  // compacted away). Padding slots are dead; `dead` has room for a 16-byte load past them.
+  // compacted away). Padding slots are dead.
   Soa<T>& p = ws.p;
   p.resize(padded);
   std::vector<int32_t>& prank = ws.prank;
@@ -322,7 +323,7 @@ void greedy_nms(
   std::vector<uint8_t>& dead = ws.dead;
   prank.assign(padded, -1);
   slot_of.resize(n);
-  dead.assign(padded + 16, 1);
+  dead.assign(padded, 1);
   const auto place = [&](int64_t r, int64_t q) {
     p.copy(q, s, r);
     prank[q] = static_cast<int32_t>(r);
@@ -339,9 +340,11 @@ void greedy_nms(
     std::vector<int32_t>& start = ws.start;
     cell.resize(n);
     start.assign(g * g + 1, 0);
+    // In [0, g); a double extent can overflow to inf (then NaN or inf here): clamped.
+    const auto index = [g](double t) { return t >= 0 && t < g ? static_cast<int64_t>(t) : (t >= g ? g - 1 : 0); };
     for (int64_t r = 0; r < n; ++r) {
-      int64_t ix = std::min<int64_t>(g - 1, static_cast<int64_t>((double(s.x1[r]) - lx) * cx));
-      const int64_t iy = std::min<int64_t>(g - 1, static_cast<int64_t>((double(s.y1[r]) - ly) * cy));
+      const int64_t iy = index((double(s.y1[r]) - ly) * cy);
+      int64_t ix = index((double(s.x1[r]) - lx) * cx);
       ix = (iy & 1) ? g - 1 - ix : ix;
       cell[r] = static_cast<int32_t>(iy * g + ix);
       ++start[cell[r] + 1];
