@@ -108,13 +108,19 @@ at::Tensor ps_roi_align_backward(
   const int64_t K = rois.size(0);
   const auto fmt = detail::layout_of(op, grad);
   const auto acc_type = at::toOpMathType(grad.scalar_type());
-  at::Tensor grad_in = detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt);
-  if (grad.numel() == 0 || grad_in.numel() == 0) {
-    return grad_in.to(grad.scalar_type());
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  if (grad.numel() == 0 || batch_size * channels * height * width == 0) {
+    return detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt).to(grad.scalar_type());
+  }
+  // NCHW: each thread zeroes its channels' planes right before adding into them (one pass over
+  // grad_input instead of two); channels_last: the channels of a pixel are interleaved, zeroed
+  // up front.
+  at::Tensor grad_in = empty_output({batch_size, channels, height, width}, grad.options().dtype(acc_type), fmt);
+  if (cl) {
+    grad_in.zero_();
   }
   const at::Tensor g = grad.contiguous(fmt);
   const at::Tensor r = detail::rois_as(rois, acc_type);
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const int64_t C = channels, HW = height * width, pstride = cl ? C : 1, cstride = cl ? 1 : HW;
   const int64_t os_k = Cout * PH * PW, os_c = cl ? 1 : PH * PW, os_p = cl ? Cout : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "ps_roi_align_backward", [&] {
@@ -127,6 +133,9 @@ at::Tensor ps_roi_align_backward(
     at::parallel_for(0, C, detail::grain_for(K * 9), [&](int64_t c0, int64_t c1) {
       for (int64_t ci = c0; ci < c1; ++ci) {
         const int64_t co = ci / (PH * PW), ph = (ci / PW) % PH, pw = ci % PW;
+        for (int64_t n = 0; n < batch_size && !cl; ++n) {
+          std::fill_n(gi + (n * C + ci) * HW, HW, acc_t(0));
+        }
         for (int64_t k = 0; k < K; ++k) {
           const RoiSampling<acc_t>& s = S[k];
           const acc_t gv = static_cast<acc_t>(gp[k * os_k + co * os_c + (ph * PW + pw) * os_p]) / s.count;
