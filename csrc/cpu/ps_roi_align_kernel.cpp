@@ -112,13 +112,8 @@ at::Tensor ps_roi_align_backward(
   if (grad.numel() == 0 || batch_size * channels * height * width == 0) {
     return detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt).to(grad.scalar_type());
   }
-  // NCHW: each thread zeroes its channels' planes right before adding into them (one pass over
-  // grad_input instead of two); channels_last: the channels of a pixel are interleaved, zeroed
-  // up front.
-  at::Tensor grad_in = empty_output({batch_size, channels, height, width}, grad.options().dtype(acc_type), fmt);
-  if (cl) {
-    grad_in.zero_();
-  }
+  // NCHW planes are zeroed below by the thread that owns them.
+  at::Tensor grad_in = detail::grad_input_zeroed_unless_nchw(grad, batch_size, channels, height, width, fmt);
   const at::Tensor g = grad.contiguous(fmt);
   const at::Tensor r = detail::rois_as(rois, acc_type);
   const int64_t C = channels, HW = height * width, pstride = cl ? C : 1, cstride = cl ? 1 : HW;

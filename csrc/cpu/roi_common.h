@@ -406,6 +406,17 @@ inline at::Tensor zeroed_grad_input(const at::Tensor& grad, int64_t N, int64_t C
   return g.zero_();
 }
 
+// The same for backwards whose NCHW threads zero each plane they own right before adding into
+// it (one pass over grad_input instead of a zero-fill and a scatter); channels_last
+// interleaves the channels of a pixel, so it is zeroed here.
+inline at::Tensor grad_input_zeroed_unless_nchw(
+    const at::Tensor& grad, int64_t N, int64_t C, int64_t H, int64_t W, at::MemoryFormat fmt) {
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    return zeroed_grad_input(grad, N, C, H, W, fmt);
+  }
+  return empty_output({N, C, H, W}, grad.options().dtype(at::toOpMathType(grad.scalar_type())), fmt);
+}
+
 // The input shape a backward op is given, checked.
 inline void check_input_shape(const char* op, int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
   TORCH_CHECK(

@@ -328,11 +328,8 @@ at::Tensor roi_pool_backward(
     return detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt).to(grad.scalar_type());
   }
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  // NCHW writes every element below (zeros included); channels_last scatters into zeros.
-  at::Tensor grad_in = empty_output({batch_size, channels, height, width}, grad.options().dtype(acc_type), fmt);
-  if (cl) {
-    grad_in.zero_();
-  }
+  // NCHW planes are zeroed below by the thread that owns them; channels_last scatters into zeros.
+  at::Tensor grad_in = detail::grad_input_zeroed_unless_nchw(grad, batch_size, channels, height, width, fmt);
   const at::Tensor g = grad.contiguous(fmt);
   const at::Tensor a = argmax.contiguous(fmt);
   const at::Tensor r = detail::rois_as(rois, acc_type);
