@@ -195,8 +195,9 @@ inline uint64_t live_lanes(const uint8_t* dead, int64_t L) {
   return live;
 }
 
+// The low min(n, L) bits (L <= 16).
 inline uint64_t low_bits(int64_t n, int64_t L) {
-  return n >= L ? (L >= 64 ? ~uint64_t(0) : (uint64_t(1) << L) - 1) : (uint64_t(1) << n) - 1;
+  return (uint64_t(1) << std::min(n, L)) - 1;
 }
 
 // Ranks of the boxes in torchvision's order (stable descending sort of the scores, NaN first)
@@ -607,28 +608,24 @@ at::Tensor batched_nms(const at::Tensor& boxes, const at::Tensor& scores, const 
   const at::Tensor ks = kept_scores.to(at::kFloat);
   const float* kp = ks.const_data_ptr<float>();
   bool ties = scores.scalar_type() == at::kDouble;  // float keys could tie distinct doubles
-  std::vector<uint32_t> keys(nk);
-  for (int64_t i = 0; i < nk && !ties; ++i) {
-    keys[i] = descending_key(kp[i]);
-  }
   std::vector<int32_t> order;
   if (!ties) {
     order = score_order(kp, nk);
     for (int64_t i = 1; i < nk && !ties; ++i) {
-      ties = keys[order[i]] == keys[order[i - 1]];
+      ties = descending_key(kp[order[i]]) == descending_key(kp[order[i - 1]]);
     }
   }
   at::Tensor out = at::empty({nk}, index_options);
-  int64_t* op_ = out.data_ptr<int64_t>();
-  if (!ties) {
-    for (int64_t i = 0; i < nk; ++i) {
-      op_[i] = kept[order[i]];
-    }
-  } else {
+  int64_t* out_p = out.data_ptr<int64_t>();
+  if (ties) {
     const at::Tensor by_score = std::get<1>(kept_scores.sort(0, /*descending=*/true));
     const int64_t* bp = by_score.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < nk; ++i) {
-      op_[i] = kept[bp[i]];
+      out_p[i] = kept[bp[i]];
+    }
+  } else {
+    for (int64_t i = 0; i < nk; ++i) {
+      out_p[i] = kept[order[i]];
     }
   }
   return out;
