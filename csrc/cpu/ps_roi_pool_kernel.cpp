@@ -1,8 +1,8 @@
 // ps_roi_pool forward and backward for CPU: NCHW and channels_last, float/double/bfloat16/half.
 //
-// Layouts and threading as ps_roi_align (NOTE [ position-sensitive layouts ]): one input
-// channel per output element, scalar loops over (pixel stride, channel stride), forward
-// parallel over (ROI, output channel), backward threads owning input channels.
+// Layouts and threading as ps_roi_align (NOTE [ position-sensitive layouts ]): forward items
+// (ROI, block of V output channels), one gathered vector of output channels per pixel of a
+// bin, the next bin's rows prefetched; backward threads owning (bin, block of output channels).
 // Geometry is torchvision's integer bins (roi_common.h, PoolBins) with ps_roi_pool's rules:
 // box extent end - start (at least 1) and bins clipped to [0, H - 1] x [0, W - 1], so the last
 // row and column of the map are never pooled. The bin sum runs in torchvision's order and
@@ -60,24 +60,43 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
     const scalar_t* ip = in.const_data_ptr<scalar_t>();
     scalar_t* op = output.data_ptr<scalar_t>();
     int32_t* mp = mapping.data_ptr<int32_t>();
-    at::parallel_for(0, K * Cout, detail::grain_for(PH * PW * 9), [&](int64_t i0, int64_t i1) {
+    // Items are (ROI, block of V output channels), as ps_roi_align's forward.
+    constexpr int64_t V = OpVec<scalar_t>::size();
+    using Vec = OpVec<scalar_t>;
+    const int64_t blocks = (Cout + V - 1) / V, gstride = PH * PW * cstride;
+    at::parallel_for(0, K * blocks, detail::grain_for(PH * PW * 9 * V), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t k = i / Cout, co = i % Cout;
+        const int64_t k = i / blocks, c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
         const PoolBins& b = B[k];
+        const StridedLoad<scalar_t> load(gstride, n);
+        const scalar_t* group = ip + b.batch * C * HW + c0 * gstride;
         for (int64_t ph = 0; ph < PH; ++ph) {
           for (int64_t pw = 0; pw < PW; ++pw) {
-            const int64_t ci = (co * PH + ph) * PW + pw;
-            const scalar_t* plane = ip + b.batch * C * HW + ci * cstride;
-            acc_t sum = 0;
+            const scalar_t* bin = group + (ph * PW + pw) * cstride;
+            if (ph * PW + pw + 1 < PH * PW) {
+              // The next bin's rows (NCHW: their first and last pixels' lines; channels_last:
+              // every pixel, each its own lines).
+              const int64_t nph = (ph * PW + pw + 1) / PW, npw = (ph * PW + pw + 1) % PW;
+              const scalar_t* next = bin + cstride;
+              for (int64_t h = b.h0[nph]; h < b.h1[nph]; ++h) {
+                for (int64_t w = b.w0[npw]; w < b.w1[npw]; w = cl || w + 1 == b.w1[npw] ? w + 1 : b.w1[npw] - 1) {
+                  load.prefetch(next + (h * W + w) * pstride);
+                }
+              }
+            }
+            // Summed in torchvision's order: rows, then columns.
+            Vec sum(0);
             for (int64_t h = b.h0[ph]; h < b.h1[ph]; ++h) {
               for (int64_t w = b.w0[pw]; w < b.w1[pw]; ++w) {
-                sum += static_cast<acc_t>(plane[(h * W + w) * pstride]);
+                sum = sum + load(bin + (h * W + w) * pstride);
               }
             }
             const acc_t area = static_cast<acc_t>((b.h1[ph] - b.h0[ph]) * (b.w1[pw] - b.w0[pw]));
-            const int64_t o = k * os_k + co * os_c + (ph * PW + pw) * os_p;
-            op[o] = static_cast<scalar_t>(b.empty(ph, pw) ? acc_t(0) : sum / area);
-            mp[o] = static_cast<int32_t>(ci);
+            const int64_t o = k * os_k + c0 * os_c + (ph * PW + pw) * os_p;
+            store_strided(op + o, os_c, b.empty(ph, pw) ? Vec(0) : sum / Vec(area), n);
+            for (int64_t j = 0; j < n; ++j) {
+              mp[o + j * os_c] = static_cast<int32_t>(((c0 + j) * PH + ph) * PW + pw);
+            }
           }
         }
       }
@@ -108,35 +127,61 @@ at::Tensor ps_roi_pool_backward(
   if (grad.numel() == 0 || batch_size * channels * height * width == 0) {
     return detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt).to(grad.scalar_type());
   }
-  // NCHW planes are zeroed below by the thread that owns them.
+  // NCHW planes are written by the thread that owns them (detail::NchwPlanes).
   at::Tensor grad_in = detail::grad_input_zeroed_unless_nchw(grad, batch_size, channels, height, width, fmt);
   const at::Tensor g = grad.contiguous(fmt);
   const auto B = ps_bins(detail::rois_as(rois, acc_type), batch_size, height, width, spatial_scale, PH, PW);
-  const int64_t C = channels, W = width, HW = height * width, pstride = cl ? C : 1, cstride = cl ? 1 : HW;
+  const int64_t C = channels, W = width, HW = height * width;
   const int64_t os_k = Cout * PH * PW, os_c = cl ? 1 : PH * PW, os_p = cl ? Cout : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "ps_roi_pool_backward", [&] {
     using acc_t = opmath_t<scalar_t>;
+    using Vec = OpVec<scalar_t>;
+    constexpr int64_t V = Vec::size();
+    const auto per_image = detail::rois_per_image(B, batch_size);
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    acc_t* gi = grad_in.data_ptr<acc_t>();
-    // Threads own input channels (NOTE [ position-sensitive layouts ] in ps_roi_align_kernel.cpp).
-    at::parallel_for(0, C, detail::grain_for(K * 9), [&](int64_t c0, int64_t c1) {
-      for (int64_t ci = c0; ci < c1; ++ci) {
-        const int64_t co = ci / (PH * PW), ph = (ci / PW) % PH, pw = ci % PW;
-        for (int64_t n = 0; n < batch_size && !cl; ++n) {
-          std::fill_n(gi + (n * C + ci) * HW, HW, acc_t(0));
-        }
-        for (int64_t k = 0; k < K; ++k) {
+    // channels_last accumulates in an opmath map, NCHW writes grad_input's planes.
+    acc_t* gacc = cl ? grad_in.data_ptr<acc_t>() : nullptr;
+    scalar_t* gout = cl ? nullptr : grad_in.data_ptr<scalar_t>();
+    const int64_t blocks = (Cout + V - 1) / V, P = PH * PW;
+    // Threads own (bin, block of output channels), as ps_roi_align's backward.
+    at::parallel_for(0, P * blocks, detail::grain_for(K * 9 * V), [&](int64_t i0, int64_t i1) {
+      acc_t d[V];
+      detail::NchwPlanes<scalar_t> planes;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t bin = i / blocks, c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
+        const int64_t ph = bin / PW, pw = bin % PW;
+        const StridedLoad<scalar_t> load(os_c, n);
+        // Adds ROI k's gradient of this bin (lanes c0..) into dst, its input channel
+        // c0 * P + bin; lanes are `ls` apart, pixels `ps`.
+        const auto scatter = [&](int64_t k, acc_t* dst, int64_t ls, int64_t ps) {
           const PoolBins& b = B[k];
           if (b.empty(ph, pw)) {
-            continue;
+            return;
           }
           const acc_t area = static_cast<acc_t>((b.h1[ph] - b.h0[ph]) * (b.w1[pw] - b.w0[pw]));
-          const acc_t d = static_cast<acc_t>(gp[k * os_k + co * os_c + (ph * PW + pw) * os_p]) / area;
-          acc_t* plane = gi + b.batch * C * HW + ci * cstride;
+          (load(gp + k * os_k + c0 * os_c + bin * os_p) / Vec(area)).store(d);
           for (int64_t h = b.h0[ph]; h < b.h1[ph]; ++h) {
             for (int64_t w = b.w0[pw]; w < b.w1[pw]; ++w) {
-              plane[(h * W + w) * pstride] += d;
+              acc_t* px = dst + (h * W + w) * ps;
+              for (int64_t j = 0; j < n; ++j) {
+                px[j * ls] += d[j];
+              }
             }
+          }
+        };
+        for (int64_t m = 0; m < batch_size; ++m) {
+          if (cl) {
+            acc_t* dst = gacc + m * C * HW + c0 * P + bin;
+            for (const int64_t k : per_image[m]) {
+              scatter(k, dst, P, C);
+            }
+          } else {
+            int64_t ls = 0;
+            acc_t* dst = planes.start(gout + (m * C + c0 * P + bin) * HW, n, P * HW, HW, &ls);
+            for (const int64_t k : per_image[m]) {
+              scatter(k, dst, ls, 1);
+            }
+            planes.finish();
           }
         }
       }

@@ -21,6 +21,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "memory.h"
+#include "vec_io.h"
 
 #include <algorithm>
 #include <cmath>
@@ -406,16 +407,67 @@ inline at::Tensor zeroed_grad_input(const at::Tensor& grad, int64_t N, int64_t C
   return g.zero_();
 }
 
-// The same for backwards whose NCHW threads zero each plane they own right before adding into
-// it (one pass over grad_input instead of a zero-fill and a scatter); channels_last
-// interleaves the channels of a pixel, so it is zeroed here.
+// grad_input of a backward whose NCHW threads own planes (NchwPlanes below): NCHW is left
+// uninitialised in grad's dtype (each plane is written once, by its owner); channels_last
+// interleaves the channels of a pixel, so it is a zeroed opmath map, rounded by the caller.
 inline at::Tensor grad_input_zeroed_unless_nchw(
     const at::Tensor& grad, int64_t N, int64_t C, int64_t H, int64_t W, at::MemoryFormat fmt) {
   if (fmt == at::MemoryFormat::ChannelsLast) {
     return zeroed_grad_input(grad, N, C, H, W, fmt);
   }
-  return empty_output({N, C, H, W}, grad.options().dtype(at::toOpMathType(grad.scalar_type())), fmt);
+  return empty_output({N, C, H, W}, grad.options(), fmt);
 }
+
+// NCHW gradient planes that one thread owns and fills: start() returns `planes` zeroed
+// opmath planes to add into, finish() writes them to grad_input. float and double add into
+// grad_input's planes themselves, zeroed right before (they stay in cache while the thread's
+// ROIs scatter into them); bfloat16/half add into a per-thread float buffer rounded into
+// grad_input once, instead of a float map and a .to() pass over all of it.
+template <typename scalar_t>
+class NchwPlanes {
+ public:
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+
+  // The planes are dst, dst + stride, ... (HW elements each); *acc_stride receives the
+  // distance between the returned opmath planes.
+  acc_t* start(scalar_t* dst, int64_t planes, int64_t stride, int64_t HW, int64_t* acc_stride) {
+    dst_ = dst;
+    planes_ = planes;
+    stride_ = stride;
+    HW_ = HW;
+    acc_t* acc;
+    if constexpr (kDirect) {
+      acc = dst;
+      *acc_stride = stride;
+    } else {
+      buf_.resize(planes * HW);
+      acc = buf_.data();
+      *acc_stride = HW;
+    }
+    for (int64_t j = 0; j < planes; ++j) {
+      std::fill_n(acc + j * *acc_stride, HW, acc_t(0));
+    }
+    return acc;
+  }
+
+  void finish() {
+    if constexpr (!kDirect) {
+      constexpr int64_t V = OpVec<scalar_t>::size();
+      for (int64_t j = 0; j < planes_; ++j) {
+        for (int64_t i = 0; i < HW_; i += V) {
+          const int64_t m = std::min(V, HW_ - i);
+          store_opmath(dst_ + j * stride_ + i, OpVec<scalar_t>::loadu(buf_.data() + j * HW_ + i, m), m);
+        }
+      }
+    }
+  }
+
+ private:
+  scalar_t* dst_ = nullptr;
+  int64_t planes_ = 0, stride_ = 0, HW_ = 0;
+  std::vector<acc_t> buf_;
+};
 
 // The input shape a backward op is given, checked.
 inline void check_input_shape(const char* op, int64_t batch_size, int64_t channels, int64_t height, int64_t width) {

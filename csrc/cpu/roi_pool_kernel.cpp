@@ -328,7 +328,8 @@ at::Tensor roi_pool_backward(
     return detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt).to(grad.scalar_type());
   }
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  // NCHW planes are zeroed below by the thread that owns them; channels_last scatters into zeros.
+  // NCHW planes are written by the thread that owns them (detail::NchwPlanes); channels_last
+  // scatters into zeros.
   at::Tensor grad_in = detail::grad_input_zeroed_unless_nchw(grad, batch_size, channels, height, width, fmt);
   const at::Tensor g = grad.contiguous(fmt);
   const at::Tensor a = argmax.contiguous(fmt);
@@ -346,7 +347,9 @@ at::Tensor roi_pool_backward(
     }
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const int32_t* ap = a.const_data_ptr<int32_t>();
-    acc_t* gi = grad_in.data_ptr<acc_t>();
+    // channels_last accumulates in an opmath map, NCHW writes grad_input's planes.
+    acc_t* gacc = cl ? grad_in.data_ptr<acc_t>() : nullptr;
+    scalar_t* gout = cl ? nullptr : grad_in.data_ptr<scalar_t>();
     // Adds grad[o] at argmax[o]: dst[argmax * step].
     const auto add = [&](int64_t o, acc_t* dst, int64_t step) {
       const int64_t idx = ap[o];
@@ -366,7 +369,7 @@ at::Tensor roi_pool_backward(
         for (int64_t k = 0; k < K; ++k) {
           for (int64_t p = 0; p < P; ++p) {
             for (int64_t c = c0; c < c1; ++c) {
-              add((k * P + p) * C + c, gi + batch[k] * HW * C + c, C);
+              add((k * P + p) * C + c, gacc + batch[k] * HW * C + c, C);
             }
           }
         }
@@ -378,15 +381,17 @@ at::Tensor roi_pool_backward(
     // scattering into a zero-filled map missed it on nearly every add (P2 case, 2 threads:
     // 106 -> 32 ms).
     at::parallel_for(0, N * C, detail::grain_for(HW + K / std::max<int64_t>(N, 1) * P), [&](int64_t t0, int64_t t1) {
+      detail::NchwPlanes<scalar_t> planes;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n = t / C, c = t % C;
-        acc_t* plane = gi + t * HW;
-        std::fill(plane, plane + HW, acc_t(0));
+        int64_t unused = 0;
+        acc_t* plane = planes.start(gout + t * HW, 1, HW, HW, &unused);
         for (const int64_t k : per_image[n]) {
           for (int64_t p = 0; p < P; ++p) {
             add((k * C + c) * P + p, plane, 1);
           }
         }
+        planes.finish();
       }
     });
   });
