@@ -8,7 +8,20 @@ import pytest
 import torch
 from conftest import NATIVE
 from reference import ps_roi_pool as ref_ps_roi_pool
-from roi_cases import DTYPES, LAYOUTS, POOLED, SCALE, TOL, H, N, W, expected_format, make_input, make_rois
+from roi_cases import (
+    DTYPES,
+    LAYOUTS,
+    POOLED,
+    SCALE,
+    TOL,
+    H,
+    N,
+    W,
+    expected_format,
+    large_map_case,
+    make_input,
+    make_rois,
+)
 from torchvision.ops import ps_roi_pool
 
 import torchvision_cpu_ext
@@ -102,6 +115,25 @@ def test_reduced_precision_backward(dtype, layout, threads):
     ps_roi_pool(x64, rois.double(), POOLED, SCALE).backward(g.double())
     assert x.grad.dtype == dtype and x.grad.is_contiguous(memory_format=expected_format(layout))
     torch.testing.assert_close(x.grad.double(), x64.grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_layouts_agree_on_a_large_map(dtype, threads):
+    """channels_last fills grad_input by row bands, NCHW by planes: on a map of several bands
+    both give the same gradient (each element gets the same adds in the same order)."""
+    x, rois = large_map_case(C_IN)
+    g = torch.randn(rois.shape[0], C_OUT, *POOLED, generator=torch.Generator().manual_seed(0)).to(dtype)
+    _, mapping = OP(x.to(dtype), rois, SCALE, *POOLED)
+    args = (rois, mapping, SCALE, *POOLED, *x.shape)
+    nchw = BWD(g, *args)
+    cl = BWD(g.contiguous(memory_format=torch.channels_last), *args)
+    assert cl.dtype == dtype and cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(nchw, cl)
+    assert (nchw != 0).any(3).any(1).any(0).float().mean() > 0.9  # gradient in nearly every row
+    # ps_roi_pool's gradient is its bin's mean gradient spread over every pixel of the bin.
+    x64 = x.double().requires_grad_()
+    ps_roi_pool(x64, rois.double(), POOLED, SCALE).backward(g.double())
+    torch.testing.assert_close(cl.double(), x64.grad, **TOL[dtype])
 
 
 def test_empty_and_bad_inputs():

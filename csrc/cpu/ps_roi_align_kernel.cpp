@@ -140,8 +140,8 @@ at::Tensor ps_roi_align_backward(
   if (grad.numel() == 0 || batch_size * channels * height * width == 0) {
     return detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt).to(grad.scalar_type());
   }
-  // NCHW planes are written by the thread that owns them (detail::NchwPlanes).
-  at::Tensor grad_in = detail::grad_input_zeroed_unless_nchw(grad, batch_size, channels, height, width, fmt);
+  // Every element is written once by the thread that owns it (NchwPlanes / by_bands).
+  at::Tensor grad_in = detail::owned_grad_input(grad, batch_size, channels, height, width, fmt);
   const at::Tensor g = grad.contiguous(fmt);
   const at::Tensor r = detail::rois_as(rois, acc_type);
   const int64_t C = channels, HW = height * width;
@@ -154,55 +154,68 @@ at::Tensor ps_roi_align_backward(
         r, batch_size, height, width, spatial_scale, PH, PW, sampling_ratio, true, false);
     const auto per_image = detail::rois_per_image(S, batch_size);
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    // channels_last accumulates in an opmath map, NCHW writes grad_input's planes.
-    acc_t* gacc = cl ? grad_in.data_ptr<acc_t>() : nullptr;
-    scalar_t* gout = cl ? nullptr : grad_in.data_ptr<scalar_t>();
+    scalar_t* gi = grad_in.data_ptr<scalar_t>();
     const int64_t blocks = (Cout + V - 1) / V, P = PH * PW;
-    // A thread owns (bin b, block of V output channels), hence the input channels
+    // Adds ROI k's gradient of bin (ph, pw), output channels c0 .. c0 + n, at tap row ky into
+    // row_ptr (that row of input channel c0 * P + ph * PW + pw); lanes are `ls` apart, pixels `ps`.
+    const auto scatter_row = [&](int64_t k, int64_t ph, int64_t pw, int64_t c0, int64_t n, int64_t ky,
+                                 acc_t* row_ptr, int64_t ls, int64_t ps) {
+      const RoiSampling<acc_t>& s = S[k];
+      const Vec gv = load_strided<scalar_t>(gp + k * os_k + c0 * os_c + (ph * PW + pw) * os_p, os_c, n) / Vec(s.count);
+      const Vec gy = gv * Vec(s.y.w[ky]);
+      acc_t buf[V];
+      for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
+        (gy * Vec(s.x.w[kx])).store(buf);
+        acc_t* px = row_ptr + s.x.idx[kx] * ps;
+        for (int64_t j = 0; j < n; ++j) {
+          px[j * ls] += buf[j];
+        }
+      }
+    };
+    if (cl) {
+      detail::by_bands(gi, batch_size, C, height, width, [&](int64_t m, int64_t r0, int64_t r1, acc_t* band) {
+        for (const int64_t k : per_image[m]) {
+          const RoiSampling<acc_t>& s = S[k];
+          for (int64_t ph = 0; ph < PH; ++ph) {
+            for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
+              const int64_t y = s.y.idx[ky];
+              if (y < r0 || y >= r1) {
+                continue;
+              }
+              for (int64_t pw = 0; pw < PW; ++pw) {
+                for (int64_t c0 = 0; c0 < Cout; c0 += V) {
+                  acc_t* row_ptr = band + (y - r0) * width * C + c0 * P + ph * PW + pw;
+                  scatter_row(k, ph, pw, c0, std::min(V, Cout - c0), ky, row_ptr, P, C);
+                }
+              }
+            }
+          }
+        }
+      });
+      return;
+    }
+    // NCHW: a thread owns (bin b, block of V output channels), hence the input channels
     // c_out * P + b they feed: see NOTE [ position-sensitive layouts ].
     at::parallel_for(0, P * blocks, detail::grain_for(K * 9 * V), [&](int64_t i0, int64_t i1) {
-      acc_t buf[V];
       detail::NchwPlanes<scalar_t> planes;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / blocks, c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
         const int64_t ph = b / PW, pw = b % PW;
-        const StridedLoad<scalar_t> load(os_c, n);
-        // Adds ROI k's gradient of bin b (lanes c0..) into dst, its input channel c0 * P + b;
-        // lanes are `ls` apart, pixels `ps`.
-        const auto scatter = [&](int64_t k, acc_t* dst, int64_t ls, int64_t ps) {
-          const RoiSampling<acc_t>& s = S[k];
-          const Vec gv = load(gp + k * os_k + c0 * os_c + b * os_p) / Vec(s.count);
-          for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
-            acc_t* row = dst + s.y.idx[ky] * width * ps;
-            const Vec gy = gv * Vec(s.y.w[ky]);
-            for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
-              (gy * Vec(s.x.w[kx])).store(buf);
-              acc_t* px = row + s.x.idx[kx] * ps;
-              for (int64_t j = 0; j < n; ++j) {
-                px[j * ls] += buf[j];
-              }
-            }
-          }
-        };
         for (int64_t m = 0; m < batch_size; ++m) {
-          if (cl) {
-            acc_t* dst = gacc + m * C * HW + c0 * P + b;
-            for (const int64_t k : per_image[m]) {
-              scatter(k, dst, P, C);
+          int64_t ls = 0;
+          acc_t* dst = planes.start(gi + (m * C + c0 * P + b) * HW, n, P * HW, HW, &ls);
+          for (const int64_t k : per_image[m]) {
+            const RoiSampling<acc_t>& s = S[k];
+            for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
+              scatter_row(k, ph, pw, c0, n, ky, dst + s.y.idx[ky] * width, ls, 1);
             }
-          } else {
-            int64_t ls = 0;
-            acc_t* dst = planes.start(gout + (m * C + c0 * P + b) * HW, n, P * HW, HW, &ls);
-            for (const int64_t k : per_image[m]) {
-              scatter(k, dst, ls, 1);
-            }
-            planes.finish();
           }
+          planes.finish();
         }
       }
     });
   });
-  return grad_in.to(grad.scalar_type());
+  return grad_in;
 }
 
 void register_kernels(torch::Library& m) {

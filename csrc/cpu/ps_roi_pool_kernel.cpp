@@ -127,8 +127,8 @@ at::Tensor ps_roi_pool_backward(
   if (grad.numel() == 0 || batch_size * channels * height * width == 0) {
     return detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt).to(grad.scalar_type());
   }
-  // NCHW planes are written by the thread that owns them (detail::NchwPlanes).
-  at::Tensor grad_in = detail::grad_input_zeroed_unless_nchw(grad, batch_size, channels, height, width, fmt);
+  // Every element is written once by the thread that owns it (NchwPlanes / by_bands).
+  at::Tensor grad_in = detail::owned_grad_input(grad, batch_size, channels, height, width, fmt);
   const at::Tensor g = grad.contiguous(fmt);
   const auto B = ps_bins(detail::rois_as(rois, acc_type), batch_size, height, width, spatial_scale, PH, PW);
   const int64_t C = channels, W = width, HW = height * width;
@@ -139,55 +139,62 @@ at::Tensor ps_roi_pool_backward(
     constexpr int64_t V = Vec::size();
     const auto per_image = detail::rois_per_image(B, batch_size);
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    // channels_last accumulates in an opmath map, NCHW writes grad_input's planes.
-    acc_t* gacc = cl ? grad_in.data_ptr<acc_t>() : nullptr;
-    scalar_t* gout = cl ? nullptr : grad_in.data_ptr<scalar_t>();
+    scalar_t* gi = grad_in.data_ptr<scalar_t>();
     const int64_t blocks = (Cout + V - 1) / V, P = PH * PW;
-    // Threads own (bin, block of output channels), as ps_roi_align's backward.
-    at::parallel_for(0, P * blocks, detail::grain_for(K * 9 * V), [&](int64_t i0, int64_t i1) {
+    // Adds ROI k's gradient of bin (ph, pw), output channels c0 .. c0 + n, to rows [h0, h1) of
+    // dst (input channel c0 * P + ph * PW + pw, at its row 0); lanes are `ls` apart, pixels `ps`.
+    const auto scatter_rows = [&](int64_t k, int64_t ph, int64_t pw, int64_t c0, int64_t n, int64_t h0, int64_t h1,
+                                  acc_t* dst, int64_t ls, int64_t ps) {
+      const PoolBins& b = B[k];
+      const acc_t area = static_cast<acc_t>((b.h1[ph] - b.h0[ph]) * (b.w1[pw] - b.w0[pw]));
       acc_t d[V];
+      (load_strided<scalar_t>(gp + k * os_k + c0 * os_c + (ph * PW + pw) * os_p, os_c, n) / Vec(area)).store(d);
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t w = b.w0[pw]; w < b.w1[pw]; ++w) {
+          acc_t* px = dst + (h * W + w) * ps;
+          for (int64_t j = 0; j < n; ++j) {
+            px[j * ls] += d[j];
+          }
+        }
+      }
+    };
+    if (cl) {
+      detail::by_bands(gi, batch_size, C, height, width, [&](int64_t m, int64_t r0, int64_t r1, acc_t* band) {
+        for (const int64_t k : per_image[m]) {
+          const PoolBins& b = B[k];
+          for (int64_t ph = 0; ph < PH; ++ph) {
+            const int64_t h0 = std::max(b.h0[ph], r0), h1 = std::min(b.h1[ph], r1);
+            for (int64_t pw = 0; pw < PW && h0 < h1; ++pw) {
+              for (int64_t c0 = 0; c0 < Cout && !b.empty(ph, pw); c0 += V) {
+                acc_t* dst = band + c0 * P + ph * PW + pw;  // row r0 is the band's row 0
+                scatter_rows(k, ph, pw, c0, std::min(V, Cout - c0), h0 - r0, h1 - r0, dst, P, C);
+              }
+            }
+          }
+        }
+      });
+      return;
+    }
+    // NCHW: threads own (bin, block of output channels), as ps_roi_align's backward.
+    at::parallel_for(0, P * blocks, detail::grain_for(K * 9 * V), [&](int64_t i0, int64_t i1) {
       detail::NchwPlanes<scalar_t> planes;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t bin = i / blocks, c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
         const int64_t ph = bin / PW, pw = bin % PW;
-        const StridedLoad<scalar_t> load(os_c, n);
-        // Adds ROI k's gradient of this bin (lanes c0..) into dst, its input channel
-        // c0 * P + bin; lanes are `ls` apart, pixels `ps`.
-        const auto scatter = [&](int64_t k, acc_t* dst, int64_t ls, int64_t ps) {
-          const PoolBins& b = B[k];
-          if (b.empty(ph, pw)) {
-            return;
-          }
-          const acc_t area = static_cast<acc_t>((b.h1[ph] - b.h0[ph]) * (b.w1[pw] - b.w0[pw]));
-          (load(gp + k * os_k + c0 * os_c + bin * os_p) / Vec(area)).store(d);
-          for (int64_t h = b.h0[ph]; h < b.h1[ph]; ++h) {
-            for (int64_t w = b.w0[pw]; w < b.w1[pw]; ++w) {
-              acc_t* px = dst + (h * W + w) * ps;
-              for (int64_t j = 0; j < n; ++j) {
-                px[j * ls] += d[j];
-              }
-            }
-          }
-        };
         for (int64_t m = 0; m < batch_size; ++m) {
-          if (cl) {
-            acc_t* dst = gacc + m * C * HW + c0 * P + bin;
-            for (const int64_t k : per_image[m]) {
-              scatter(k, dst, P, C);
+          int64_t ls = 0;
+          acc_t* dst = planes.start(gi + (m * C + c0 * P + bin) * HW, n, P * HW, HW, &ls);
+          for (const int64_t k : per_image[m]) {
+            if (!B[k].empty(ph, pw)) {
+              scatter_rows(k, ph, pw, c0, n, B[k].h0[ph], B[k].h1[ph], dst, ls, 1);
             }
-          } else {
-            int64_t ls = 0;
-            acc_t* dst = planes.start(gout + (m * C + c0 * P + bin) * HW, n, P * HW, HW, &ls);
-            for (const int64_t k : per_image[m]) {
-              scatter(k, dst, ls, 1);
-            }
-            planes.finish();
           }
+          planes.finish();
         }
       }
     });
   });
-  return grad_in.to(grad.scalar_type());
+  return grad_in;
 }
 
 void register_kernels(torch::Library& m) {

@@ -407,14 +407,9 @@ inline at::Tensor zeroed_grad_input(const at::Tensor& grad, int64_t N, int64_t C
   return g.zero_();
 }
 
-// grad_input of a backward whose NCHW threads own planes (NchwPlanes below): NCHW is left
-// uninitialised in grad's dtype (each plane is written once, by its owner); channels_last
-// interleaves the channels of a pixel, so it is a zeroed opmath map, rounded by the caller.
-inline at::Tensor grad_input_zeroed_unless_nchw(
-    const at::Tensor& grad, int64_t N, int64_t C, int64_t H, int64_t W, at::MemoryFormat fmt) {
-  if (fmt == at::MemoryFormat::ChannelsLast) {
-    return zeroed_grad_input(grad, N, C, H, W, fmt);
-  }
+// grad_input of a backward whose threads own and write every element once (NchwPlanes and
+// by_bands below): uninitialised, in grad's dtype and `fmt`.
+inline at::Tensor owned_grad_input(const at::Tensor& grad, int64_t N, int64_t C, int64_t H, int64_t W, at::MemoryFormat fmt) {
   return empty_output({N, C, H, W}, grad.options(), fmt);
 }
 
@@ -468,6 +463,30 @@ class NchwPlanes {
   int64_t planes_ = 0, stride_ = 0, HW_ = 0;
   std::vector<acc_t> buf_;
 };
+
+// channels_last backward by bands of rows: a thread owns (image m, rows [r0, r1)), whose
+// grad_input elements are contiguous in channels_last, and calls fill(m, r0, r1, band) to add
+// every contribution landing in those rows into `band`, zeroed opmath elements where pixel
+// (y, x), channel c is band[((y - r0) * W + x) * C + c]. Bands are ~1 MiB so they stay in L2
+// while ROIs scatter into them (scattering into a zeroed map missed the cache on nearly every
+// add), and each is written to grad_input once (bfloat16/half rounded then).
+template <typename scalar_t, typename Fill>
+void by_bands(scalar_t* grad_in, int64_t N, int64_t C, int64_t H, int64_t W, const Fill& fill) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kBandBytes = 1 << 20;
+  const int64_t row = std::max<int64_t>(1, W * C), rows = std::max<int64_t>(1, kBandBytes / (row * sizeof(acc_t)));
+  const int64_t bands = (H + rows - 1) / rows;
+  at::parallel_for(0, N * bands, 1, [&](int64_t t0, int64_t t1) {
+    NchwPlanes<scalar_t> band;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m = t / bands, r0 = (t % bands) * rows, r1 = std::min(H, r0 + rows);
+      int64_t unused = 0;
+      acc_t* dst = band.start(grad_in + (m * H + r0) * row, 1, 0, (r1 - r0) * row, &unused);
+      fill(m, r0, r1, dst);
+      band.finish();
+    }
+  });
+}
 
 // The input shape a backward op is given, checked.
 inline void check_input_shape(const char* op, int64_t batch_size, int64_t channels, int64_t height, int64_t width) {

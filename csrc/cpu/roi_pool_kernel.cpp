@@ -330,7 +330,8 @@ at::Tensor roi_pool_backward(
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   // NCHW planes are written by the thread that owns them (detail::NchwPlanes); channels_last
   // scatters into zeros.
-  at::Tensor grad_in = detail::grad_input_zeroed_unless_nchw(grad, batch_size, channels, height, width, fmt);
+  at::Tensor grad_in = cl ? detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt)
+                          : detail::owned_grad_input(grad, batch_size, channels, height, width, fmt);
   const at::Tensor g = grad.contiguous(fmt);
   const at::Tensor a = argmax.contiguous(fmt);
   const at::Tensor r = detail::rois_as(rois, acc_type);

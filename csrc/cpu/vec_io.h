@@ -48,6 +48,20 @@ inline void store_opmath(scalar_t* p, const OpVec<scalar_t>& v, int64_t n) {
   }
 }
 
+// Loads p[0], p[stride], ..., p[(n - 1) * stride] (n <= OpVec::size()) as one opmath vector,
+// lanes past n zero: for a few loads per item (StridedLoad is the one for inner loops).
+template <typename scalar_t>
+inline OpVec<scalar_t> load_strided(const scalar_t* p, int64_t stride, int64_t n) {
+  if (stride == 1) {
+    return load_opmath(p, n);
+  }
+  opmath_t<scalar_t> buf[OpVec<scalar_t>::size()];
+  for (int64_t j = 0; j < n; ++j) {
+    buf[j] = static_cast<opmath_t<scalar_t>>(p[j * stride]);
+  }
+  return OpVec<scalar_t>::loadu(buf, n);
+}
+
 // Loads p[0], p[stride], ..., p[(n - 1) * stride] (n <= OpVec::size()) as one opmath vector:
 // the position-sensitive ops read one element of each of n channel planes at the same pixel.
 // Lanes past n are unspecified (callers keep only n lanes). float and double use the ISA's
@@ -86,11 +100,7 @@ class StridedLoad {
 #endif
       }
     }
-    acc_t buf[Vec::size()];
-    for (int64_t j = 0; j < n_; ++j) {
-      buf[j] = static_cast<acc_t>(p[j * stride_]);
-    }
-    return Vec::loadu(buf, n_);
+    return load_strided(p, stride_, n_);
   }
 
   // Asks for the lines of the n elements at p ahead of use: the position-sensitive ops touch
