@@ -364,7 +364,9 @@ at::Tensor roi_pool_backward(
     if (cl) {
       // Threads own blocks of V channels (whole cache lines of every pixel). A compact
       // per-(image, block) buffer copied into the lines at the end measured slower (P2 case,
-      // 2 threads: 94 vs 71 ms): at 3.5 MB it does not stay in L2 either.
+      // 2 threads: 94 vs 71 ms): at 3.5 MB it does not stay in L2 either. So did ~1 MiB row
+      // bands filled in L2 as the ps backwards do (detail::by_bands; 72-83 vs 48 ms): a P2 bin
+      // spans about three 3-row bands, and each band must scan all its bins' argmax.
       at::parallel_for(0, (C + V - 1) / V, detail::grain_for(K * P * V), [&](int64_t u0, int64_t u1) {
         const int64_t c0 = u0 * V, c1 = std::min(C, u1 * V);
         for (int64_t k = 0; k < K; ++k) {
@@ -387,9 +389,19 @@ at::Tensor roi_pool_backward(
         const int64_t n = t / C, c = t % C;
         int64_t unused = 0;
         acc_t* plane = planes.start(gout + t * HW, 1, HW, HW, &unused);
-        for (const int64_t k : per_image[n]) {
+        const auto& ks = per_image[n];
+        for (size_t i = 0; i < ks.size(); ++i) {
+          if (i + 1 < ks.size()) {
+            // The next ROI's argmax and grad runs are C * P elements away: no hardware
+            // prefetcher follows that stride.
+            const int64_t next = (ks[i + 1] * C + c) * P;
+            for (int64_t p = 0; p < P; p += 64 / static_cast<int64_t>(sizeof(int32_t))) {
+              __builtin_prefetch(ap + next + p);
+              __builtin_prefetch(gp + next + p);
+            }
+          }
           for (int64_t p = 0; p < P; ++p) {
-            add((k * C + c) * P + p, plane, 1);
+            add((ks[i] * C + c) * P + p, plane, 1);
           }
         }
         planes.finish();
