@@ -67,6 +67,7 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_align_forward(
     using acc_t = opmath_t<scalar_t>;
     const auto S = detail::build_all_roi_sampling<acc_t>(
         r, N, H, W, spatial_scale, PH, PW, sampling_ratio, /*aligned=*/true, /*count_at_least_one=*/false);
+    const auto order = detail::spatial_order<acc_t>(r);
     const scalar_t* ip = in.const_data_ptr<scalar_t>();
     scalar_t* op = output.data_ptr<scalar_t>();
     int32_t* mp = mapping.data_ptr<int32_t>();
@@ -76,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_align_forward(
     const int64_t blocks = (Cout + V - 1) / V, gstride = PH * PW * cstride;
     at::parallel_for(0, K * blocks, detail::grain_for(PH * PW * 9 * V), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t k = i / blocks, c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
+        const int64_t k = order[i / blocks], c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
         const RoiSampling<acc_t>& s = S[k];
         const StridedLoad<scalar_t> load(gstride, n);
         const scalar_t* group = ip + s.batch * C * HW + c0 * gstride;

@@ -51,12 +51,14 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
     return {output, mapping};
   }
   const at::Tensor in = input.contiguous(fmt);
-  const auto B = ps_bins(detail::rois_as(rois, at::toOpMathType(input.scalar_type())), N, H, W, spatial_scale, PH, PW);
+  const at::Tensor r = detail::rois_as(rois, at::toOpMathType(input.scalar_type()));
+  const auto B = ps_bins(r, N, H, W, spatial_scale, PH, PW);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const int64_t HW = H * W, pstride = cl ? C : 1, cstride = cl ? 1 : HW;
   const int64_t os_k = Cout * PH * PW, os_c = cl ? 1 : PH * PW, os_p = cl ? Cout : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "ps_roi_pool_forward", [&] {
     using acc_t = opmath_t<scalar_t>;
+    const auto order = detail::spatial_order<acc_t>(r);
     const scalar_t* ip = in.const_data_ptr<scalar_t>();
     scalar_t* op = output.data_ptr<scalar_t>();
     int32_t* mp = mapping.data_ptr<int32_t>();
@@ -66,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
     const int64_t blocks = (Cout + V - 1) / V, gstride = PH * PW * cstride;
     at::parallel_for(0, K * blocks, detail::grain_for(PH * PW * 9 * V), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t k = i / blocks, c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
+        const int64_t k = order[i / blocks], c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
         const PoolBins& b = B[k];
         const StridedLoad<scalar_t> load(gstride, n);
         const scalar_t* group = ip + b.batch * C * HW + c0 * gstride;

@@ -128,10 +128,12 @@ void forward_channels_last(
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.data_ptr<scalar_t>();
   const acc_t* r = rois_acc.const_data_ptr<acc_t>();
+  const auto order = detail::spatial_order<acc_t>(rois_acc);
   // ~9 pixel reads per bin and channel.
   at::parallel_for(0, K, detail::grain_for(C * PH * PW * 9), [&](int64_t k0, int64_t k1) {
     RoiSampling<acc_t> s;
-    for (int64_t k = k0; k < k1; ++k) {
+    for (int64_t i = k0; i < k1; ++i) {
+      const int64_t k = order[i];  // neighbouring boxes in turn (detail::spatial_order)
       detail::build_roi_sampling<acc_t>(
           r + 5 * k, N, H, W, static_cast<acc_t>(spatial_scale), PH, PW, sampling_ratio, aligned, s);
       const scalar_t* img = in + s.batch * H * W * C;

@@ -12,7 +12,9 @@
 //   (the position as the integer's bits inside an opmath lane, so one blend moves both) stay
 //   in registers (AVX-512: compare into a mask register and two masked moves). Keeping them
 //   in per-thread buffers instead cost ~1.6x on the NCHW path below (P2 case, 2 threads:
-//   166 -> 94-105 ms). Parallel over ROIs. Reading 64-byte channel blocks of all ROIs from a
+//   166 -> 94-105 ms). Parallel over ROIs, taken in detail::spatial_order so that overlapping
+//   boxes follow each other and find their pixels in cache (P2 case, 2 threads: 119 -> 86 ms
+//   fp32, 90 -> 70 ms bf16). Reading 64-byte channel blocks of all ROIs from a
 //   compact copy (as NCHW does) measured no faster here (138 vs 140 ms), so it is not used.
 // - NCHW forward: as in roi_align (NOTE [ roi_align layouts ]): blocks of V channels of one
 //   image are transposed to pixel-major and run the same bin loop, when the bins read more
@@ -151,6 +153,7 @@ template <typename scalar_t>
 void forward_channels_last(
     const at::Tensor& input,
     const std::vector<PoolBins>& B,
+    const std::vector<int64_t>& order,
     at::Tensor& output,
     at::Tensor& argmax,
     int64_t PH,
@@ -166,7 +169,8 @@ void forward_channels_last(
   // At least one pixel per bin and channel (usually many).
   at::parallel_for(0, K, detail::grain_for(C * PH * PW), [&](int64_t k0, int64_t k1) {
     std::vector<acc_t> m(Cpad), arg(Cpad);
-    for (int64_t k = k0; k < k1; ++k) {
+    for (int64_t i = k0; i < k1; ++i) {
+      const int64_t k = order[i];  // neighbouring boxes in turn (detail::spatial_order)
       const auto& b = B[k];
       const scalar_t* img = in + b.batch * H * W * C;
       for (int64_t ph = 0; ph < PH; ++ph) {
@@ -282,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward(
     using acc_t = opmath_t<scalar_t>;
     const auto B = detail::build_all_pool_bins<acc_t>(r, N, spatial_scale, pooled_height, pooled_width, 1, H, W);
     if (fmt == at::MemoryFormat::ChannelsLast) {
-      forward_channels_last<scalar_t>(in, B, output, argmax, pooled_height, pooled_width);
+      forward_channels_last<scalar_t>(in, B, detail::spatial_order<acc_t>(r), output, argmax, pooled_height, pooled_width);
       return;
     }
     int64_t reads = 0;  // pixels all bins read, per channel
