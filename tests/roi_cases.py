@@ -65,13 +65,15 @@ def expected_format(layout: str) -> torch.memory_format:
     return torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
 
-def large_map_case(channels: int, K: int = 60, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [2, channels, 100, 256] map (several of the ~1 MiB row bands that channels_last
-    backwards fill in turn) and boxes over all of it, many crossing band borders."""
+def large_map_case(
+    channels: int, K: int = 60, seed: int = 3, n: int = 2, h: int = 100, w: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An [n, channels, h, w] map (by default several of the ~1 MiB row bands that
+    channels_last backwards fill in turn) and boxes over all of it, many crossing band borders."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, channels, 100, 256, generator=g)
-    img = torch.tensor([256 / SCALE, 100 / SCALE])
+    x = torch.randn(n, channels, h, w, generator=g)
+    img = torch.tensor([w / SCALE, h / SCALE])
     xy = torch.rand(K, 2, generator=g) * img * 1.1 - 8
     wh = torch.rand(K, 2, generator=g) * img * 0.7
-    b = torch.randint(0, 2, (K, 1), generator=g).float()
+    b = torch.randint(0, n, (K, 1), generator=g).float()
     return x, torch.cat([b, xy, xy + wh], 1)

@@ -136,6 +136,20 @@ def test_backward_layouts_agree_on_a_large_map(dtype, threads):
     torch.testing.assert_close(cl.double(), x64.grad, **TOL[dtype])
 
 
+def test_large_gradient_written_by_streaming_stores():
+    """grad_input of 64 MiB and more is written with non-temporal stores (roi_common.h,
+    stream_grad_input), by planes in NCHW and by row bands in channels_last: both agree."""
+    x, rois = large_map_case(C_IN, K=40, n=1, h=700, w=1001)
+    g = torch.randn(rois.shape[0], C_OUT, *POOLED, generator=torch.Generator().manual_seed(0))
+    _, mapping = OP(x, rois, SCALE, *POOLED)
+    args = (rois, mapping, SCALE, *POOLED, *x.shape)
+    nchw = BWD(g, *args)
+    assert nchw.nbytes >= 64 << 20
+    cl = BWD(g.contiguous(memory_format=torch.channels_last), *args)
+    assert torch.equal(nchw, cl)
+    assert (nchw != 0).any(3).any(1).any(0).float().mean() > 0.9
+
+
 def test_empty_and_bad_inputs():
     x = make_input(torch.float32, "nchw", True, channels=C_IN)
     out, mapping = OP(x, torch.zeros(0, 5), SCALE, *POOLED)

@@ -130,6 +130,31 @@ def test_nchw_paths(case, threads):
     assert torch.equal(out.double(), exp_out) and torch.equal(argmax, exp_arg)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_gradient_written_by_streaming_stores(dtype):
+    """grad_input of 64 MiB and more is written with non-temporal stores (roi_common.h,
+    stream_grad_input); planes of an odd size start unaligned. The NCHW gradient must equal the
+    channels_last one, which takes the other path (each element gets the same adds, in order)."""
+    h, w = (200, 331) if dtype == torch.float32 else (400, 331)  # ~68 MB of grad_input either way
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 256, h, w, generator=g).to(dtype)
+    img = torch.tensor([w / SCALE, h / SCALE])
+    xy = torch.rand(40, 2, generator=g) * img - 4
+    rois = torch.cat([torch.zeros(40, 1), xy, xy + torch.rand(40, 2, generator=g) * img / 2], 1)
+    _, argmax = OP(x, rois, SCALE, *POOLED)
+    grad = torch.randn(argmax.shape, generator=g).to(dtype)
+    nchw = BWD(grad, rois, argmax, SCALE, *POOLED, *x.shape)
+    assert nchw.nbytes >= 64 << 20
+    cl_args = (
+        grad.contiguous(memory_format=torch.channels_last),
+        rois,
+        argmax.contiguous(memory_format=torch.channels_last),
+    )
+    cl = BWD(*cl_args, SCALE, *POOLED, *x.shape)
+    assert torch.equal(nchw, cl)
+    assert nchw.count_nonzero() > 0
+
+
 def test_special_values():
     x = torch.full((1, 2, 4, 4), -float("inf"))
     x[0, 1, 1, 1] = float("nan")

@@ -143,6 +143,7 @@ at::Tensor ps_roi_align_backward(
   }
   // Every element is written once by the thread that owns it (NchwPlanes / by_bands).
   at::Tensor grad_in = detail::owned_grad_input(grad, batch_size, channels, height, width, fmt);
+  const bool stream = detail::stream_grad_input(grad_in);
   const at::Tensor g = grad.contiguous(fmt);
   const at::Tensor r = detail::rois_as(rois, acc_type);
   const int64_t C = channels, HW = height * width;
@@ -174,7 +175,7 @@ at::Tensor ps_roi_align_backward(
       }
     };
     if (cl) {
-      detail::by_bands(gi, batch_size, C, height, width, [&](int64_t m, int64_t r0, int64_t r1, acc_t* band) {
+      detail::by_bands(gi, batch_size, C, height, width, stream, [&](int64_t m, int64_t r0, int64_t r1, acc_t* band) {
         for (const int64_t k : per_image[m]) {
           const RoiSampling<acc_t>& s = S[k];
           for (int64_t ph = 0; ph < PH; ++ph) {
@@ -198,7 +199,7 @@ at::Tensor ps_roi_align_backward(
     // NCHW: a thread owns (bin b, block of V output channels), hence the input channels
     // c_out * P + b they feed: see NOTE [ position-sensitive layouts ].
     at::parallel_for(0, P * blocks, detail::grain_for(K * 9 * V), [&](int64_t i0, int64_t i1) {
-      detail::NchwPlanes<scalar_t> planes;
+      detail::NchwPlanes<scalar_t> planes(stream);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / blocks, c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
         const int64_t ph = b / PW, pw = b % PW;

@@ -131,6 +131,7 @@ at::Tensor ps_roi_pool_backward(
   }
   // Every element is written once by the thread that owns it (NchwPlanes / by_bands).
   at::Tensor grad_in = detail::owned_grad_input(grad, batch_size, channels, height, width, fmt);
+  const bool stream = detail::stream_grad_input(grad_in);
   const at::Tensor g = grad.contiguous(fmt);
   const auto B = ps_bins(detail::rois_as(rois, acc_type), batch_size, height, width, spatial_scale, PH, PW);
   const int64_t C = channels, W = width, HW = height * width;
@@ -161,7 +162,7 @@ at::Tensor ps_roi_pool_backward(
       }
     };
     if (cl) {
-      detail::by_bands(gi, batch_size, C, height, width, [&](int64_t m, int64_t r0, int64_t r1, acc_t* band) {
+      detail::by_bands(gi, batch_size, C, height, width, stream, [&](int64_t m, int64_t r0, int64_t r1, acc_t* band) {
         for (const int64_t k : per_image[m]) {
           const PoolBins& b = B[k];
           for (int64_t ph = 0; ph < PH; ++ph) {
@@ -179,7 +180,7 @@ at::Tensor ps_roi_pool_backward(
     }
     // NCHW: threads own (bin, block of output channels), as ps_roi_align's backward.
     at::parallel_for(0, P * blocks, detail::grain_for(K * 9 * V), [&](int64_t i0, int64_t i1) {
-      detail::NchwPlanes<scalar_t> planes;
+      detail::NchwPlanes<scalar_t> planes(stream);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t bin = i / blocks, c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
         const int64_t ph = bin / PW, pw = bin % PW;

@@ -20,8 +20,9 @@
 //   image are transposed to pixel-major and run the same bin loop, when the bins read more
 //   than half the map; otherwise direct per-plane scalar loops.
 // - Backward adds each output gradient at its argmax. Threads own (image, channel) planes in
-//   NCHW (the plane stays in cache), blocks of V channels in channels_last, and visit ROIs in
-//   order: no races, deterministic. bfloat16/half accumulate in a float buffer.
+//   NCHW (detail::NchwPlanes: the plane stays in cache, large gradients are written with
+//   non-temporal stores), blocks of V channels in channels_last (a float map), and visit ROIs
+//   in order: no races, deterministic.
 #include "memory.h"
 #include "override.h"
 #include "roi_common.h"
@@ -336,6 +337,7 @@ at::Tensor roi_pool_backward(
   // scatters into zeros.
   at::Tensor grad_in = cl ? detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt)
                           : detail::owned_grad_input(grad, batch_size, channels, height, width, fmt);
+  const bool stream = detail::stream_grad_input(grad_in);
   const at::Tensor g = grad.contiguous(fmt);
   const at::Tensor a = argmax.contiguous(fmt);
   const at::Tensor r = detail::rois_as(rois, acc_type);
@@ -388,7 +390,7 @@ at::Tensor roi_pool_backward(
     // scattering into a zero-filled map missed it on nearly every add (P2 case, 2 threads:
     // 106 -> 32 ms).
     at::parallel_for(0, N * C, detail::grain_for(HW + K / std::max<int64_t>(N, 1) * P), [&](int64_t t0, int64_t t1) {
-      detail::NchwPlanes<scalar_t> planes;
+      detail::NchwPlanes<scalar_t> planes(stream);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n = t / C, c = t % C;
         int64_t unused = 0;
