@@ -15,13 +15,14 @@
 //   ~4 ns per 10-lane gather from L1 but ~60 ns from random lines of a map beyond L2, so the
 //   misses, not the arithmetic, bound it, and prefetching overlaps them. An
 //   input-channel-major order (each plane read once for all ROIs) measured slower before.
-// - Backward: a thread owns (bin b, block of V output channels), hence the input channels
-//   c_out * PH * PW + b they feed, and visits each image's ROIs in order: no races,
-//   deterministic, every element receiving its adds in ROI order. NCHW planes are zeroed and
-//   filled by their owner while in cache (detail::NchwPlanes; bfloat16/half through a float
-//   buffer rounded once); channels_last scatters into a zeroed float map.
-// One code path addresses elements through (pixel stride, channel stride) and serves both
-// layouts.
+// - Backward, NCHW (detail::ps_backward_nchw): a thread owns (bin b, block of V output
+//   channels), hence the input channels c_out * PH * PW + b they feed, whose planes it zeroes
+//   and fills while in cache (detail::NchwPlanes) from each image's ROIs in order.
+//   channels_last (detail::by_bands): a thread owns ~1 MiB bands of rows of an image and adds
+//   what each of its ROIs, in order, puts in them (a zeroed float map scattered into took
+//   6.2 ms, the bands 2.9 ms). Either way: no races, deterministic, every element receiving
+//   its adds in ROI order, each element of grad_input written once.
+// Both address elements through (pixel stride, channel stride).
 // Geometry is torchvision's: always half-pixel aligned, no minimum box size, and an empty
 // adaptive grid divides by zero (NaN), as torchvision does.
 #include "memory.h"
@@ -157,7 +158,7 @@ at::Tensor ps_roi_align_backward(
     const auto per_image = detail::rois_per_image(S, batch_size);
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gi = grad_in.data_ptr<scalar_t>();
-    const int64_t blocks = (Cout + V - 1) / V, P = PH * PW;
+    const int64_t P = PH * PW;
     // Adds ROI k's gradient of bin (ph, pw), output channels c0 .. c0 + n, at tap row ky into
     // row_ptr (that row of input channel c0 * P + ph * PW + pw); lanes are `ls` apart, pixels `ps`.
     const auto scatter_row = [&](int64_t k, int64_t ph, int64_t pw, int64_t c0, int64_t n, int64_t ky,
@@ -196,26 +197,13 @@ at::Tensor ps_roi_align_backward(
       });
       return;
     }
-    // NCHW: a thread owns (bin b, block of V output channels), hence the input channels
-    // c_out * P + b they feed: see NOTE [ position-sensitive layouts ].
-    at::parallel_for(0, P * blocks, detail::grain_for(K * 9 * V), [&](int64_t i0, int64_t i1) {
-      detail::NchwPlanes<scalar_t> planes(stream);
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / blocks, c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
-        const int64_t ph = b / PW, pw = b % PW;
-        for (int64_t m = 0; m < batch_size; ++m) {
-          int64_t ls = 0;
-          acc_t* dst = planes.start(gi + (m * C + c0 * P + b) * HW, n, P * HW, HW, &ls);
-          for (const int64_t k : per_image[m]) {
-            const RoiSampling<acc_t>& s = S[k];
-            for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
-              scatter_row(k, ph, pw, c0, n, ky, dst + s.y.idx[ky] * width, ls, 1);
-            }
-          }
-          planes.finish();
-        }
-      }
-    });
+    detail::ps_backward_nchw(gi, per_image, C, HW, PH, PW, Cout, K, stream,
+                             [&](int64_t k, int64_t ph, int64_t pw, int64_t c0, int64_t n, acc_t* dst, int64_t ls) {
+                               const RoiSampling<acc_t>& s = S[k];
+                               for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
+                                 scatter_row(k, ph, pw, c0, n, ky, dst + s.y.idx[ky] * width, ls, 1);
+                               }
+                             });
   });
   return grad_in;
 }

@@ -143,7 +143,7 @@ at::Tensor ps_roi_pool_backward(
     const auto per_image = detail::rois_per_image(B, batch_size);
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gi = grad_in.data_ptr<scalar_t>();
-    const int64_t blocks = (Cout + V - 1) / V, P = PH * PW;
+    const int64_t P = PH * PW;
     // Adds ROI k's gradient of bin (ph, pw), output channels c0 .. c0 + n, to rows [h0, h1) of
     // dst (input channel c0 * P + ph * PW + pw, at its row 0); lanes are `ls` apart, pixels `ps`.
     const auto scatter_rows = [&](int64_t k, int64_t ph, int64_t pw, int64_t c0, int64_t n, int64_t h0, int64_t h1,
@@ -178,24 +178,12 @@ at::Tensor ps_roi_pool_backward(
       });
       return;
     }
-    // NCHW: threads own (bin, block of output channels), as ps_roi_align's backward.
-    at::parallel_for(0, P * blocks, detail::grain_for(K * 9 * V), [&](int64_t i0, int64_t i1) {
-      detail::NchwPlanes<scalar_t> planes(stream);
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t bin = i / blocks, c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
-        const int64_t ph = bin / PW, pw = bin % PW;
-        for (int64_t m = 0; m < batch_size; ++m) {
-          int64_t ls = 0;
-          acc_t* dst = planes.start(gi + (m * C + c0 * P + bin) * HW, n, P * HW, HW, &ls);
-          for (const int64_t k : per_image[m]) {
-            if (!B[k].empty(ph, pw)) {
-              scatter_rows(k, ph, pw, c0, n, B[k].h0[ph], B[k].h1[ph], dst, ls, 1);
-            }
-          }
-          planes.finish();
-        }
-      }
-    });
+    detail::ps_backward_nchw(gi, per_image, C, HW, PH, PW, Cout, K, stream,
+                             [&](int64_t k, int64_t ph, int64_t pw, int64_t c0, int64_t n, acc_t* dst, int64_t ls) {
+                               if (!B[k].empty(ph, pw)) {
+                                 scatter_rows(k, ph, pw, c0, n, B[k].h0[ph], B[k].h1[ph], dst, ls, 1);
+                               }
+                             });
   });
   return grad_in;
 }

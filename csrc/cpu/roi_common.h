@@ -514,6 +514,33 @@ class NchwPlanes {
   std::vector<acc_t> buf_;
 };
 
+// The NCHW driver of the position-sensitive backwards (NOTE [ position-sensitive layouts ]):
+// a thread owns (bin b, block of V output channels), hence the input channels c_out * P + b
+// they feed, and for each image calls scatter(k, ph, pw, c0, n, dst, lane_stride) for that
+// image's ROIs in order; dst holds the zeroed opmath planes of input channels
+// (c0 + j) * P + b, j < n, `lane_stride` apart (NchwPlanes).
+template <typename scalar_t, typename Scatter>
+void ps_backward_nchw(scalar_t* grad_in, const std::vector<std::vector<int64_t>>& per_image, int64_t C, int64_t HW,
+                      int64_t PH, int64_t PW, int64_t Cout, int64_t K, bool stream, const Scatter& scatter) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t V = OpVec<scalar_t>::size();
+  const int64_t P = PH * PW, blocks = (Cout + V - 1) / V;
+  at::parallel_for(0, P * blocks, grain_for(K * 9 * V), [&](int64_t i0, int64_t i1) {
+    NchwPlanes<scalar_t> planes(stream);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / blocks, c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
+      for (int64_t m = 0; m < static_cast<int64_t>(per_image.size()); ++m) {
+        int64_t ls = 0;
+        acc_t* dst = planes.start(grad_in + (m * C + c0 * P + b) * HW, n, P * HW, HW, &ls);
+        for (const int64_t k : per_image[m]) {
+          scatter(k, b / PW, b % PW, c0, n, dst, ls);
+        }
+        planes.finish();
+      }
+    }
+  });
+}
+
 // channels_last backward by bands of rows: a thread owns (image m, rows [r0, r1)), whose
 // grad_input elements are contiguous in channels_last, and calls fill(m, r0, r1, band) to add
 // every contribution landing in those rows into `band`, zeroed opmath elements where pixel
