@@ -159,19 +159,27 @@ at::Tensor ps_roi_align_backward(
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gi = grad_in.data_ptr<scalar_t>();
     const int64_t P = PH * PW;
-    // Adds ROI k's gradient of bin (ph, pw), output channels c0 .. c0 + n, at tap row ky into
-    // row_ptr (that row of input channel c0 * P + ph * PW + pw); lanes are `ls` apart, pixels `ps`.
-    const auto scatter_row = [&](int64_t k, int64_t ph, int64_t pw, int64_t c0, int64_t n, int64_t ky,
-                                 acc_t* row_ptr, int64_t ls, int64_t ps) {
+    // Adds ROI k's gradient of bin (ph, pw), output channels c0 .. c0 + n, at its tap rows in
+    // [r0, r1) into dst (row r0 of input channel c0 * P + ph * PW + pw); lanes are `ls` apart,
+    // pixels `ps`.
+    const auto scatter_bin = [&](int64_t k, int64_t ph, int64_t pw, int64_t c0, int64_t n, int64_t r0, int64_t r1,
+                                 acc_t* dst, int64_t ls, int64_t ps) {
       const RoiSampling<acc_t>& s = S[k];
       const Vec gv = load_strided<scalar_t>(gp + k * os_k + c0 * os_c + (ph * PW + pw) * os_p, os_c, n) / Vec(s.count);
-      const Vec gy = gv * Vec(s.y.w[ky]);
       acc_t buf[V];
-      for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
-        (gy * Vec(s.x.w[kx])).store(buf);
-        acc_t* px = row_ptr + s.x.idx[kx] * ps;
-        for (int64_t j = 0; j < n; ++j) {
-          px[j * ls] += buf[j];
+      for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
+        const int64_t y = s.y.idx[ky];
+        if (y < r0 || y >= r1) {
+          continue;
+        }
+        acc_t* row = dst + (y - r0) * width * ps;
+        const Vec gy = gv * Vec(s.y.w[ky]);
+        for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
+          (gy * Vec(s.x.w[kx])).store(buf);
+          acc_t* px = row + s.x.idx[kx] * ps;
+          for (int64_t j = 0; j < n; ++j) {
+            px[j * ls] += buf[j];
+          }
         }
       }
     };
@@ -180,16 +188,13 @@ at::Tensor ps_roi_align_backward(
         for (const int64_t k : per_image[m]) {
           const RoiSampling<acc_t>& s = S[k];
           for (int64_t ph = 0; ph < PH; ++ph) {
+            bool in_band = false;
             for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
-              const int64_t y = s.y.idx[ky];
-              if (y < r0 || y >= r1) {
-                continue;
-              }
-              for (int64_t pw = 0; pw < PW; ++pw) {
-                for (int64_t c0 = 0; c0 < Cout; c0 += V) {
-                  acc_t* row_ptr = band + (y - r0) * width * C + c0 * P + ph * PW + pw;
-                  scatter_row(k, ph, pw, c0, std::min(V, Cout - c0), ky, row_ptr, P, C);
-                }
+              in_band |= s.y.idx[ky] >= r0 && s.y.idx[ky] < r1;
+            }
+            for (int64_t pw = 0; pw < PW && in_band; ++pw) {
+              for (int64_t c0 = 0; c0 < Cout; c0 += V) {
+                scatter_bin(k, ph, pw, c0, std::min(V, Cout - c0), r0, r1, band + c0 * P + ph * PW + pw, P, C);
               }
             }
           }
@@ -199,10 +204,7 @@ at::Tensor ps_roi_align_backward(
     }
     detail::ps_backward_nchw(gi, per_image, C, HW, PH, PW, Cout, K, stream,
                              [&](int64_t k, int64_t ph, int64_t pw, int64_t c0, int64_t n, acc_t* dst, int64_t ls) {
-                               const RoiSampling<acc_t>& s = S[k];
-                               for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
-                                 scatter_row(k, ph, pw, c0, n, ky, dst + s.y.idx[ky] * width, ls, 1);
-                               }
+                               scatter_bin(k, ph, pw, c0, n, 0, height, dst, ls, 1);
                              });
   });
   return grad_in;

@@ -458,7 +458,7 @@ inline bool stream_grad_input(const at::Tensor& grad_in) {
 // opmath planes to add into while they stay in cache, finish() leaves them in grad_input.
 // Two ways, chosen by the size of grad_input (stream_grad_input below):
 // - streaming: the planes are a per-thread buffer, written to grad_input once with
-//   non-temporal stores (stream_opmath, rounding bfloat16/half);
+//   non-temporal stores (write_opmath, rounding bfloat16/half);
 // - otherwise float/double add into grad_input's planes themselves, zeroed right before, and
 //   bfloat16/half into a buffer rounded into grad_input with ordinary stores.
 template <typename scalar_t>
@@ -494,16 +494,7 @@ class NchwPlanes {
       return;  // added in place
     }
     for (int64_t j = 0; j < planes_; ++j) {
-      scalar_t* dst = dst_ + j * stride_;
-      const acc_t* src = buf_.data() + j * HW_;
-      if (stream_) {
-        stream_opmath(dst, src, HW_);
-      } else {
-        for (int64_t i = 0; i < HW_; i += OpVec<scalar_t>::size()) {
-          const int64_t m = std::min<int64_t>(OpVec<scalar_t>::size(), HW_ - i);
-          store_opmath(dst + i, OpVec<scalar_t>::loadu(src + i, m), m);
-        }
-      }
+      write_opmath(dst_ + j * stride_, buf_.data() + j * HW_, HW_, stream_);
     }
   }
 

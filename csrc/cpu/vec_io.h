@@ -132,30 +132,33 @@ inline void store_strided(scalar_t* p, int64_t stride, const OpVec<scalar_t>& v,
   }
 }
 
-// Writes n opmath values to dst, rounding to scalar_t, with non-temporal stores where the ISA
-// has them (AVX-512): a gradient written once and not read again by the kernel need not have
-// its lines read first (an ordinary store reads each line it writes) nor kept in cache.
+// Writes n opmath values to dst, rounding to scalar_t. With `nontemporal`, through
+// non-temporal stores where the ISA has them (AVX-512): a gradient written once and not read
+// again by the kernel need not have its lines read first (an ordinary store reads each line
+// it writes) nor kept in cache.
 template <typename scalar_t>
-inline void stream_opmath(scalar_t* dst, const opmath_t<scalar_t>* src, int64_t n) {
+inline void write_opmath(scalar_t* dst, const opmath_t<scalar_t>* src, int64_t n, bool nontemporal) {
   using Vec = OpVec<scalar_t>;
   constexpr int64_t V = Vec::size();
   int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX512)
-  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));  // one 64-byte store
-  for (; i < n && reinterpret_cast<uintptr_t>(dst + i) % 64 != 0; ++i) {
-    dst[i] = static_cast<scalar_t>(src[i]);
-  }
-  for (; i + kLine <= n; i += kLine) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
-    } else if constexpr (std::is_same_v<scalar_t, double>) {
-      _mm512_stream_pd(dst + i, _mm512_loadu_pd(src + i));
-    } else {
-      const __m512i v = at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + V));
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), v);
+  if (nontemporal) {
+    constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));  // one 64-byte store
+    for (; i < n && reinterpret_cast<uintptr_t>(dst + i) % 64 != 0; ++i) {
+      dst[i] = static_cast<scalar_t>(src[i]);
     }
+    for (; i + kLine <= n; i += kLine) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+      } else if constexpr (std::is_same_v<scalar_t, double>) {
+        _mm512_stream_pd(dst + i, _mm512_loadu_pd(src + i));
+      } else {
+        const __m512i v = at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + V));
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), v);
+      }
+    }
+    _mm_sfence();  // ordered before the parallel region's end makes them visible to other threads
   }
-  _mm_sfence();  // ordered before the parallel region's end makes them visible to other threads
 #endif
   for (; i < n; i += V) {
     const int64_t m = std::min(V, n - i);
