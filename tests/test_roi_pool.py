@@ -8,7 +8,20 @@ import pytest
 import torch
 from conftest import NATIVE
 from reference import roi_pool as ref_roi_pool
-from roi_cases import DTYPES, LAYOUTS, POOLED, SCALE, C, H, N, W, expected_format, make_input, make_rois
+from roi_cases import (
+    DTYPES,
+    LAYOUTS,
+    POOLED,
+    SCALE,
+    C,
+    H,
+    N,
+    W,
+    expected_format,
+    large_map_case,
+    make_input,
+    make_rois,
+)
 from torchvision.ops import roi_pool
 
 import torchvision_cpu_ext
@@ -153,6 +166,33 @@ def test_large_gradient_written_by_streaming_stores(dtype):
     cl = BWD(*cl_args, SCALE, *POOLED, *x.shape)
     assert torch.equal(nchw, cl)
     assert nchw.count_nonzero() > 0
+
+
+@pytest.mark.parametrize(("boxes", "images"), [(60, 2), (900, 1)], ids=["cached", "streamed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channels_last_bands(dtype, boxes, images, threads):
+    """channels_last forward sweeps each (image, block of 4 vectors of channels) in bands of
+    rows (~256 KiB of the block's lines: 4 rows of fp32 here) and carries the state of bins
+    spanning bands in scratch slots; 70 channels give full blocks and a partial one, one image
+    splits its boxes into chunks across threads, and results of 16 MiB and more are written
+    with non-temporal stores (rows of 70 channels start unaligned). Equal to the NCHW path, an
+    independent loop, and to torchvision's kernel where it has the dtype."""
+    x, rois = large_map_case(70, K=boxes, seed=7, n=images)
+    x, rois = x.to(dtype), rois.to(dtype if dtype == torch.float64 else torch.float32)
+    out, argmax = OP(x.contiguous(memory_format=torch.channels_last), rois, SCALE, 7, 7)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    if boxes == 900:
+        assert out.nbytes + argmax.nbytes >= 16 << 20
+    exp_out, exp_arg = OP(x, rois, SCALE, 7, 7)
+    assert torch.equal(out, exp_out) and torch.equal(argmax, exp_arg)
+    assert (argmax >= 0).float().mean() > 0.5  # most bins hold pixels
+    if NATIVE and dtype in (torch.float32, torch.float64):
+        torchvision_cpu_ext.disable()
+        try:
+            tv_out, tv_arg = OP(x, rois, SCALE, 7, 7)
+        finally:
+            torchvision_cpu_ext.enable()
+        assert torch.equal(out, tv_out) and torch.equal(argmax, tv_arg)
 
 
 def test_special_values():

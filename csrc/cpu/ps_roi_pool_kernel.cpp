@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
   const int64_t Cout = detail::ps_channels_out(kOp, C, PH, PW);
   const auto fmt = detail::layout_of(kOp, input);
   at::Tensor output = empty_output({K, Cout, PH, PW}, input.options(), fmt);
-  at::Tensor mapping = at::empty_like(output, output.options().dtype(at::kInt));
+  at::Tensor mapping = empty_output(output.sizes(), output.options().dtype(at::kInt), fmt);
   if (output.numel() == 0) {
     return {output, mapping};
   }

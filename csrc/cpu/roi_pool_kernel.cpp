@@ -7,15 +7,22 @@
 // never taken, and a bin of values <= -FLT_MAX reports -FLT_MAX with argmax -1), an empty bin
 // gives 0 and argmax -1. Max is exact in every dtype, so outputs equal torchvision's bit for
 // bit; argmax is the int32 index h * W + w within the plane.
-// - channels_last forward: for each bin the pixels are read in scan order, each as whole
-//   channel vectors, four vectors of channels per scan: their running maxima and positions
-//   (the position as the integer's bits inside an opmath lane, so one blend moves both) stay
-//   in registers (AVX-512: compare into a mask register and two masked moves). Keeping them
-//   in per-thread buffers instead cost ~1.6x on the NCHW path below (P2 case, 2 threads:
-//   166 -> 94-105 ms). Parallel over ROIs, taken in detail::spatial_order so that overlapping
-//   boxes follow each other and find their pixels in cache (P2 case, 2 threads: 119 -> 86 ms
-//   fp32, 90 -> 70 ms bf16). Reading 64-byte channel blocks of all ROIs from a
-//   compact copy (as NCHW does) measured no faster here (138 vs 140 ms), so it is not used.
+// - channels_last forward: a bin's pixels are read in scan order, as vectors of channels:
+//   four per scan, whose running maxima and positions (the position as the integer's bits in
+//   an opmath lane, so one masked move takes both) stay in registers (AVX-512: a compare into
+//   a mask register and two masked moves). A P2 call reads each pixel ~20 times (2.5M pixel
+//   reads of 1 KB, 2.5 GB), so the work is arranged for the caches: items are (image, block
+//   of those 4 vectors of channels, chunk of its boxes), and an item sweeps the image in
+//   bands of rows (~256 KiB of the block's lines, kept in L2), scanning in each band the part
+//   of every bin that lies in it. A bin spanning bands keeps its running state in a small
+//   per-thread scratch slot between them (plan_bands: slots are reused once their bins end;
+//   the state is exactly the sequential scan's, so ties and NaN behave as in one pass), and
+//   its result is written once, with non-temporal stores when the results are large. P2 case,
+//   2 threads, fp32: parallel over boxes in spatial order and all channels per bin 68-72 ms;
+//   bands 50 ms; + scratch slots and streamed results (instead of keeping the state in the
+//   output) 35-37 ms (allocation of argmax from the output pool included: a fresh 49 MB argmax
+//   cost ~15 ms of page faults per call). A standalone model of the loop (same bins, 2 threads)
+//   takes ~30 ms, 14 ms with its pixels in L1 and no results written.
 // - NCHW forward: as in roi_align (NOTE [ roi_align layouts ]): blocks of V channels of one
 //   image are transposed to pixel-major and run the same bin loop, when the bins read more
 //   than half the map; otherwise direct per-plane scalar loops.
@@ -66,6 +73,45 @@ inline void take_greater(
 }
 #endif
 
+// Running max and argmax of NV vectors of channels (the first at px0, the last `lanes` wide;
+// pixels `pstride` apart) over rows [h0, h1) x columns [w0, w1), in torchvision's scan order,
+// continuing from cur/pos. Positions are the int index h * W + w as bits in an opmath lane, so
+// one masked move takes both.
+template <typename scalar_t, int NV>
+inline void scan_max(
+    const scalar_t* px0,
+    int64_t W,
+    int64_t pstride,
+    int64_t lanes,
+    int64_t h0,
+    int64_t h1,
+    int64_t w0,
+    int64_t w1,
+    OpVec<scalar_t>* cur,
+    OpVec<scalar_t>* pos) {
+  using acc_t = opmath_t<scalar_t>;
+  using IVec = at::vec::Vectorized<IdxInt<acc_t>>;
+  constexpr int64_t V = OpVec<scalar_t>::size();
+  for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const scalar_t* px = px0 + (h * W + w) * pstride;
+      const auto here = at::vec::cast<acc_t>(IVec(static_cast<IdxInt<acc_t>>(h * W + w)));
+      for (int g = 0; g < NV; ++g) {
+        take_greater(cur[g], pos[g], load_opmath(px + g * V, g == NV - 1 ? lanes : V), here);
+      }
+    }
+  }
+}
+
+// The state a bin's scan starts from: maximum 0 if the bin is empty, else -FLT_MAX (as
+// torchvision); argmax -1.
+template <typename scalar_t>
+inline void start_max(bool empty, OpVec<scalar_t>& cur, OpVec<scalar_t>& pos) {
+  using acc_t = opmath_t<scalar_t>;
+  cur = OpVec<scalar_t>(empty ? acc_t(0) : acc_t(-FLT_MAX));
+  pos = at::vec::cast<acc_t>(at::vec::Vectorized<IdxInt<acc_t>>(IdxInt<acc_t>(-1)));
+}
+
 // Max and argmax of bin (ph, pw) for NV vectors of channels starting at c (the last one
 // `lanes` wide), kept in registers while the bin's pixels are scanned.
 template <typename scalar_t, int NV>
@@ -80,24 +126,12 @@ inline void bin_max_vectors(
     int64_t pw,
     opmath_t<scalar_t>* m,
     opmath_t<scalar_t>* arg) {
-  using acc_t = opmath_t<scalar_t>;
-  using Vec = OpVec<scalar_t>;
-  using IVec = at::vec::Vectorized<IdxInt<acc_t>>;
-  constexpr int64_t V = Vec::size();
-  Vec cur[NV], pos[NV];
+  constexpr int64_t V = OpVec<scalar_t>::size();
+  OpVec<scalar_t> cur[NV], pos[NV];
   for (int g = 0; g < NV; ++g) {
-    cur[g] = Vec(b.empty(ph, pw) ? acc_t(0) : acc_t(-FLT_MAX));
-    pos[g] = at::vec::cast<acc_t>(IVec(IdxInt<acc_t>(-1)));
+    start_max<scalar_t>(b.empty(ph, pw), cur[g], pos[g]);
   }
-  for (int64_t h = b.h0[ph]; h < b.h1[ph]; ++h) {
-    for (int64_t w = b.w0[pw]; w < b.w1[pw]; ++w) {
-      const scalar_t* px = px0 + (h * W + w) * pstride + c;
-      const Vec here = at::vec::cast<acc_t>(IVec(static_cast<IdxInt<acc_t>>(h * W + w)));
-      for (int g = 0; g < NV; ++g) {
-        take_greater(cur[g], pos[g], load_opmath(px + g * V, g == NV - 1 ? lanes : V), here);
-      }
-    }
-  }
+  scan_max<scalar_t, NV>(px0 + c, W, pstride, lanes, b.h0[ph], b.h1[ph], b.w0[pw], b.w1[pw], cur, pos);
   for (int g = 0; g < NV; ++g) {
     cur[g].store(m + c + g * V);
     pos[g].store(arg + c + g * V);
@@ -150,6 +184,148 @@ inline void store_bin(
   }
 }
 
+// A row of bins (box k, bin row ph) as one band of rows meets it. Bins that continue into
+// later bands keep their running state in `slot` of the item's scratch meanwhile; `first` and
+// `last` say whether the band holds the bins' first / last row.
+struct BandRow {
+  int32_t k, ph, slot;
+  bool first, last;
+};
+
+// The rows [band * rows, ...) each image is taken in and, per (image, band), the bin rows that
+// meet it, boxes in spatial order. Slots are given out per image in band order and reused once
+// their bins end, so the scratch holds only the bins open across one band boundary.
+struct BandPlan {
+  int64_t rows = 1, bands = 1, slots = 0;
+  std::vector<std::vector<BandRow>> meets;  // [image * bands + band]
+  std::vector<int64_t> rank, count;  // a box's place in its image's order; boxes per image
+};
+
+inline BandPlan plan_bands(
+    const std::vector<PoolBins>& B, const std::vector<int64_t>& order, int64_t N, int64_t H, int64_t PH, int64_t rows) {
+  BandPlan plan;
+  plan.rows = std::clamp<int64_t>(rows, 1, std::max<int64_t>(H, 1));
+  plan.bands = std::max<int64_t>(1, (H + plan.rows - 1) / plan.rows);
+  const auto band_of = [&](int64_t h) { return std::min(h / plan.rows, plan.bands - 1); };
+  plan.meets.resize(N * plan.bands);
+  plan.rank.resize(B.size());
+  plan.count.assign(N, 0);
+  std::vector<std::vector<std::vector<std::pair<int64_t, int64_t>>>> starts(N, std::vector<std::vector<std::pair<int64_t, int64_t>>>(plan.bands));
+  for (const int64_t k : order) {
+    const PoolBins& b = B[k];
+    plan.rank[k] = plan.count[b.batch]++;
+    for (int64_t ph = 0; ph < PH; ++ph) {
+      starts[b.batch][band_of(b.h0[ph])].emplace_back(k, ph);
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    std::vector<int32_t> free_slots;
+    int32_t used = 0;
+    std::vector<std::pair<BandRow, int64_t>> open;  // with the band of its last row
+    for (int64_t band = 0; band < plan.bands; ++band) {
+      for (const auto& [k, ph] : starts[n][band]) {
+        const PoolBins& b = B[k];
+        const int64_t last = b.h1[ph] > b.h0[ph] ? band_of(b.h1[ph] - 1) : band;
+        int32_t slot = -1;
+        if (last > band) {
+          if (free_slots.empty()) {
+            slot = used++;
+          } else {
+            slot = free_slots.back();
+            free_slots.pop_back();
+          }
+        }
+        open.push_back({{static_cast<int32_t>(k), static_cast<int32_t>(ph), slot, true, false}, last});
+      }
+      auto& meets = plan.meets[n * plan.bands + band];
+      size_t kept = 0;
+      for (auto& [row, last] : open) {
+        row.last = last == band;
+        meets.push_back(row);
+        row.first = false;
+        if (row.last) {
+          if (row.slot >= 0) {
+            free_slots.push_back(row.slot);
+          }
+        } else {
+          open[kept++] = {row, last};
+        }
+      }
+      open.resize(kept);
+    }
+    plan.slots = std::max<int64_t>(plan.slots, used);
+  }
+  return plan;
+}
+
+// The rows [r0, r1) of one row of bins (`row`, box b) for NV vectors of channels (the last
+// `lanes` wide): each bin starts in its first band, else resumes from its slot state (per pw:
+// CB values, then CB positions); in its last band the result is written (non-temporal stores
+// if `nt`, fenced by the caller), else the state is kept. `out`/`am` are bin (ph, 0)'s first
+// channel; bins are C apart.
+template <typename scalar_t, int NV>
+C10_ALWAYS_INLINE void band_row(
+    const scalar_t* px0,
+    int64_t W,
+    int64_t C,
+    int64_t lanes,
+    const PoolBins& b,
+    const BandRow& row,
+    int64_t PW,
+    int64_t r0,
+    int64_t r1,
+    opmath_t<scalar_t>* state,
+    int64_t CB,
+    scalar_t* out,
+    int32_t* am,
+    bool nt) {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = OpVec<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t ph = row.ph, hs = std::max(b.h0[ph], r0), he = std::min(b.h1[ph], r1);
+  const int64_t n = (NV - 1) * V + lanes;
+  for (int64_t pw = 0; pw < PW; ++pw, state += 2 * CB) {
+    const int64_t ws = b.w0[pw], we = b.w1[pw];
+    const bool empty = b.empty(ph, pw);
+    Vec cur[NV], pos[NV];
+    for (int g = 0; g < NV; ++g) {
+      if (row.first) {
+        start_max<scalar_t>(empty, cur[g], pos[g]);
+      } else {
+        cur[g] = Vec::loadu(state + g * V);
+        pos[g] = Vec::loadu(state + CB + g * V);
+      }
+    }
+    if (!empty) {
+      scan_max<scalar_t, NV>(px0, W, C, lanes, hs, he, ws, we, cur, pos);
+    }
+    if (!row.last) {
+      for (int g = 0; g < NV; ++g) {
+        cur[g].store(state + g * V);
+        pos[g].store(state + CB + g * V);
+      }
+      continue;
+    }
+    acc_t m[NV * V];
+    IdxInt<acc_t> arg[NV * V];
+    for (int g = 0; g < NV; ++g) {
+      cur[g].store(m + g * V);
+      pos[g].store(arg + g * V);
+    }
+    write_opmath(out + pw * C, m, n, nt, /*fence=*/false);
+    if constexpr (std::is_same_v<IdxInt<acc_t>, int32_t>) {
+      write_opmath(am + pw * C, arg, n, nt, /*fence=*/false);
+    } else {
+      int32_t arg32[NV * V];
+      std::copy(arg, arg + n, arg32);
+      write_opmath(am + pw * C, arg32, n, nt, /*fence=*/false);
+    }
+  }
+}
+
+// channels_last forward (NOTE [ roi_pool ]): items are (image, block of CB channels, chunk of
+// its boxes); an item takes the image's rows in bands that stay in L2 and scans, band by band,
+// the part of every bin that lies in it.
 template <typename scalar_t>
 void forward_channels_last(
     const at::Tensor& input,
@@ -160,27 +336,49 @@ void forward_channels_last(
     int64_t PH,
     int64_t PW) {
   using acc_t = opmath_t<scalar_t>;
-  constexpr int64_t V = OpVec<scalar_t>::size();
-  const int64_t C = input.size(1), H = input.size(2), W = input.size(3);
-  const int64_t K = static_cast<int64_t>(B.size());
+  constexpr int64_t V = OpVec<scalar_t>::size(), CB = 4 * V;
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  // Bands of ~256 KiB of the block's lines (P2: 3 rows fp32, 7 bf16): 1-4 rows measured alike
+  // (34-37 ms, P2 case, 2 threads), 7+ rows of fp32 slower (the block's lines, 4 of each
+  // pixel's 16, use a quarter of the cache sets). Results of 16 MiB and more are streamed:
+  // P2 (98 MB) 51 -> 37 ms, 300 boxes (30 MB) 19 -> 15 ms, 100 boxes (10 MB) alike.
+  constexpr int64_t kBandBytes = 256 << 10, kStreamBytes = 16 << 20;
+  const BandPlan plan = plan_bands(B, order, N, H, PH, kBandBytes / std::max<int64_t>(1, W * CB * sizeof(scalar_t)));
+  const bool nt = static_cast<int64_t>(output.nbytes() + argmax.nbytes()) >= kStreamBytes;
+  const int64_t blocks = (C + CB - 1) / CB;
+  const int64_t most = std::max<int64_t>(1, *std::max_element(plan.count.begin(), plan.count.end()));
+  const int64_t chunks = std::clamp<int64_t>((2 * at::get_num_threads() + N * blocks - 1) / (N * blocks), 1, most);
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.data_ptr<scalar_t>();
   int32_t* am = argmax.data_ptr<int32_t>();
-  const int64_t Cpad = (C + V - 1) / V * V;
-  // At least one pixel per bin and channel (usually many).
-  at::parallel_for(0, K, detail::grain_for(C * PH * PW), [&](int64_t k0, int64_t k1) {
-    std::vector<acc_t> m(Cpad), arg(Cpad);
-    for (int64_t i = k0; i < k1; ++i) {
-      const int64_t k = order[i];  // neighbouring boxes in turn (detail::spatial_order)
-      const auto& b = B[k];
-      const scalar_t* img = in + b.batch * H * W * C;
-      for (int64_t ph = 0; ph < PH; ++ph) {
-        for (int64_t pw = 0; pw < PW; ++pw) {
-          bin_max<scalar_t>(img, W, C, C, b, ph, pw, m.data(), arg.data());
-          const int64_t o = ((k * PH + ph) * PW + pw) * C;
-          store_bin<scalar_t>(m.data(), arg.data(), C, 1, out + o, am + o);
+  at::parallel_for(0, N * blocks * chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> scratch(std::max<int64_t>(plan.slots, 1) * PW * 2 * CB);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / (blocks * chunks), c0 = (t / chunks % blocks) * CB, s = t % chunks;
+      const int64_t nc = std::min(CB, C - c0);
+      const int64_t lo = s * plan.count[n] / chunks, hi = (s + 1) * plan.count[n] / chunks;
+      const scalar_t* img = in + n * H * W * C + c0;
+      for (int64_t band = 0; band < plan.bands; ++band) {
+        const int64_t r0 = band * plan.rows, r1 = std::min(H, r0 + plan.rows);
+        for (const BandRow& row : plan.meets[n * plan.bands + band]) {
+          if (plan.rank[row.k] < lo || plan.rank[row.k] >= hi) {
+            continue;
+          }
+          const PoolBins& b = B[row.k];
+          const int64_t o = (row.k * PH + row.ph) * PW * C + c0;
+          acc_t* st = scratch.data() + std::max(row.slot, 0) * PW * 2 * CB;
+          if (nc == CB) {
+            band_row<scalar_t, 4>(img, W, C, V, b, row, PW, r0, r1, st, CB, out + o, am + o, nt);
+            continue;
+          }
+          for (int64_t c = 0; c < nc; c += V) {
+            band_row<scalar_t, 1>(img + c, W, C, std::min(V, nc - c), b, row, PW, r0, r1, st + c, CB, out + o + c, am + o + c, nt);
+          }
         }
       }
+    }
+    if (nt) {
+      stream_fence();
     }
   });
 }
@@ -277,7 +475,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward(
   const auto fmt = detail::layout_of(kOp, input);
   const int64_t K = rois.size(0), N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   at::Tensor output = empty_output({K, C, pooled_height, pooled_width}, input.options(), fmt);
-  at::Tensor argmax = at::empty_like(output, output.options().dtype(at::kInt));
+  at::Tensor argmax = empty_output(output.sizes(), output.options().dtype(at::kInt), fmt);  // pooled too: 49 MB on P2
   if (output.numel() == 0) {
     return {output, argmax};
   }

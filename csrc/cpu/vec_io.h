@@ -136,8 +136,10 @@ inline void store_strided(scalar_t* p, int64_t stride, const OpVec<scalar_t>& v,
 // non-temporal stores where the ISA has them (AVX-512): a gradient written once and not read
 // again by the kernel need not have its lines read first (an ordinary store reads each line
 // it writes) nor kept in cache.
+// `fence` = false leaves the ordering fence to the caller (stream_fence, once after many
+// small writes). int32_t (opmath int32_t) writes as is.
 template <typename scalar_t>
-inline void write_opmath(scalar_t* dst, const opmath_t<scalar_t>* src, int64_t n, bool nontemporal) {
+inline void write_opmath(scalar_t* dst, const opmath_t<scalar_t>* src, int64_t n, bool nontemporal, bool fence = true) {
   using Vec = OpVec<scalar_t>;
   constexpr int64_t V = Vec::size();
   int64_t i = 0;
@@ -152,18 +154,29 @@ inline void write_opmath(scalar_t* dst, const opmath_t<scalar_t>* src, int64_t n
         _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
       } else if constexpr (std::is_same_v<scalar_t, double>) {
         _mm512_stream_pd(dst + i, _mm512_loadu_pd(src + i));
+      } else if constexpr (std::is_same_v<scalar_t, int32_t>) {
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(src + i));
       } else {
         const __m512i v = at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + V));
         _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), v);
       }
     }
-    _mm_sfence();  // ordered before the parallel region's end makes them visible to other threads
+    if (fence) {
+      _mm_sfence();  // ordered before the parallel region's end makes them visible to other threads
+    }
   }
 #endif
   for (; i < n; i += V) {
     const int64_t m = std::min(V, n - i);
     store_opmath(dst + i, Vec::loadu(src + i, m), m);
   }
+}
+
+// Orders the non-temporal stores of write_opmath(..., fence = false) calls before what follows.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
 }
 
 } // namespace tvce
