@@ -186,6 +186,20 @@ def test_channels_last_bands(dtype, boxes, images, threads):
     exp_out, exp_arg = OP(x, rois, SCALE, 7, 7)
     assert torch.equal(out, exp_out) and torch.equal(argmax, exp_arg)
     assert (argmax >= 0).float().mean() > 0.5  # most bins hold pixels
+    # The backward takes the same map in bands of rows (1 MiB of opmath elements: 14 rows of
+    # fp32 here), visiting the bins that meet each band: equal to the NCHW path.
+    grad = torch.randn(argmax.shape, generator=torch.Generator().manual_seed(8)).to(dtype)
+    cl_grad = BWD(
+        grad.contiguous(memory_format=torch.channels_last),
+        rois,
+        argmax.contiguous(memory_format=torch.channels_last),
+        SCALE,
+        7,
+        7,
+        *x.shape,
+    )
+    assert cl_grad.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cl_grad, BWD(grad, rois, argmax, SCALE, 7, 7, *x.shape))
     if NATIVE and dtype in (torch.float32, torch.float64):
         torchvision_cpu_ext.disable()
         try:
@@ -193,6 +207,34 @@ def test_channels_last_bands(dtype, boxes, images, threads):
         finally:
             torchvision_cpu_ext.enable()
         assert torch.equal(out, tv_out) and torch.equal(argmax, tv_arg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_backward_argmax_outside_its_bin(dtype):
+    """torchvision's backward adds each gradient at its argmax, wherever that is. The banded
+    channels_last backward visits only the bins meeting a band, so it checks that every argmax
+    lies in its bin's rows and otherwise takes the general path: an argmax moved elsewhere on
+    the map (or to -1) gives the same gradient as the NCHW path."""
+    x, rois = large_map_case(70, K=30, seed=9)
+    x, rois = x.to(dtype), rois.to(dtype if dtype == torch.float64 else torch.float32)
+    _, argmax = OP(x, rois, SCALE, 7, 7)
+    moved = argmax.clone()
+    moved[3, 5, 2, 2] = 0  # row 0: outside that box's bins
+    moved[4, 6, 1, 1] = x.shape[2] * x.shape[3] - 1  # the last pixel
+    moved[5, 7, 0, 0] = -1
+    grad = torch.randn(argmax.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    for a in (argmax, moved):
+        cl = BWD(
+            grad.contiguous(memory_format=torch.channels_last),
+            rois,
+            a.contiguous(memory_format=torch.channels_last),
+            SCALE,
+            7,
+            7,
+            *x.shape,
+        )
+        assert torch.equal(cl, BWD(grad, rois, a, SCALE, 7, 7, *x.shape))
+    assert cl[rois[3, 0].long(), 5, 0, 0] != 0
 
 
 def test_special_values():
@@ -228,8 +270,9 @@ def test_empty_and_bad_inputs():
     with pytest.raises(RuntimeError, match="grad must have shape"):
         BWD(g[:, :, :1], rois, a, SCALE, 2, 2, N, C, H, W)
     a[0, 0, 0, 0] = H * W
-    with pytest.raises(RuntimeError, match="outside the"):
-        BWD(g, rois, a, SCALE, 2, 2, N, C, H, W)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        with pytest.raises(RuntimeError, match="outside the"):
+            BWD(g.contiguous(memory_format=fmt), rois, a.contiguous(memory_format=fmt), SCALE, 2, 2, N, C, H, W)
 
 
 @pytest.mark.parametrize("dtype,rois_dtype", [(torch.float32,) * 2, (torch.bfloat16, torch.float32)], ids=str)

@@ -28,8 +28,13 @@
 //   than half the map; otherwise direct per-plane scalar loops.
 // - Backward adds each output gradient at its argmax. Threads own (image, channel) planes in
 //   NCHW (detail::NchwPlanes: the plane stays in cache, large gradients are written with
-//   non-temporal stores), blocks of V channels in channels_last (a float map), and visit ROIs
-//   in order: no races, deterministic.
+//   non-temporal stores) and ~1 MiB bands of rows in channels_last (detail::by_bands; each band
+//   visits the bins whose rows meet it and adds the channels whose argmax falls in it with a
+//   masked gather/add/scatter: P2 case, 2 threads, 38-46 -> 24 ms fp32, 58-75 -> 25 ms bf16;
+//   the same bands with a scalar loop per channel measured 72-83 ms). ROIs are visited in
+//   order: no races, deterministic, each element's adds in torchvision's order. An argmax
+//   outside its bin's rows (not one roi_pool made) sends channels_last to the general path:
+//   threads own blocks of V channels of a zeroed float map.
 #include "memory.h"
 #include "override.h"
 #include "roi_common.h"
@@ -38,7 +43,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cfloat>
+#include <cstdint>
 
 namespace tvce {
 namespace {
@@ -505,6 +512,116 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward(
   return {output, argmax};
 }
 
+// Adds the output gradients of one bin (C channels: argmax a, gradients g) whose argmax lies
+// in rows [lo / W, hi / W) to `band`, those rows of one image in channels_last (element
+// (idx - lo) * C + c). With `check`, also tells whether every argmax is -1 (or negative) or
+// lies in the bin's rows [vlo / W, vhi / W): one outside (not an argmax roi_pool made) would
+// be missed by the bands that scan only the bins meeting them.
+template <typename scalar_t>
+inline bool scatter_band(
+    const int32_t* a,
+    const scalar_t* g,
+    int64_t C,
+    int64_t lo,
+    int64_t hi,
+    bool check,
+    int64_t vlo,
+    int64_t vhi,
+    bool vec,
+    opmath_t<scalar_t>* band) {
+  using acc_t = opmath_t<scalar_t>;
+  bool ok = true;
+  int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // Lanes are distinct channels, so distinct addresses: a masked gather, add and scatter.
+    if (vec) {
+      const __m512i lo_v = _mm512_set1_epi32(static_cast<int32_t>(lo)), hi_v = _mm512_set1_epi32(static_cast<int32_t>(hi));
+      const __m512i vlo_v = _mm512_set1_epi32(static_cast<int32_t>(vlo)), vhi_v = _mm512_set1_epi32(static_cast<int32_t>(vhi));
+      const __m512i stride = _mm512_set1_epi32(static_cast<int32_t>(C));
+      const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      for (; c < C; c += 16) {
+        const int64_t n = std::min<int64_t>(16, C - c);
+        const auto lanes = static_cast<__mmask16>((1u << n) - 1);
+        const __m512i idx = _mm512_maskz_loadu_epi32(lanes, a + c);
+        if (check) {
+          const __mmask16 in_bin = _mm512_cmpge_epi32_mask(idx, vlo_v) & _mm512_cmplt_epi32_mask(idx, vhi_v);
+          ok &= (lanes & _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512()) & ~in_bin) == 0;
+        }
+        const __mmask16 in = lanes & _mm512_cmpge_epi32_mask(idx, lo_v) & _mm512_cmplt_epi32_mask(idx, hi_v);
+        if (in == 0) {
+          continue;
+        }
+        const __m512i off = _mm512_add_epi32(
+            _mm512_mullo_epi32(_mm512_sub_epi32(idx, lo_v), stride), _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(c))));
+        const __m512 sum = _mm512_add_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, off, band, sizeof(float)), load_opmath(g + c, n));
+        _mm512_mask_i32scatter_ps(band, in, off, sum, sizeof(float));
+      }
+      return ok;
+    }
+  }
+#endif
+  for (; c < C; ++c) {
+    const int64_t idx = a[c];
+    ok &= !check || idx < 0 || (idx >= vlo && idx < vhi);
+    if (idx >= lo && idx < hi) {
+      band[(idx - lo) * C + c] += static_cast<acc_t>(g[c]);
+    }
+  }
+  return ok;
+}
+
+// channels_last backward by bands of rows (detail::by_bands: a thread owns ~1 MiB of rows of
+// an image, zeroes it in L2, adds into it and writes it once), visiting in each band the bins
+// whose rows meet it, boxes in order: every element gets its adds in torchvision's order.
+// Returns false if an argmax lies outside its bin's rows; grad_in is then to be recomputed by
+// the general path.
+template <typename scalar_t>
+bool backward_channels_last_bands(
+    const at::Tensor& g,
+    const at::Tensor& a,
+    const at::Tensor& r,
+    double scale,
+    int64_t PH,
+    int64_t PW,
+    at::Tensor& grad_in) {
+  using acc_t = opmath_t<scalar_t>;
+  const int64_t N = grad_in.size(0), C = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3), P = PH * PW;
+  const auto B = detail::build_all_pool_bins<acc_t>(r, N, scale, PH, PW, 1, H, W);
+  const auto per_image = detail::rois_per_image(B, N);
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const int32_t* ap = a.const_data_ptr<int32_t>();
+  std::atomic<bool> all_in_bins{true};
+  detail::by_bands(
+      grad_in.data_ptr<scalar_t>(), N, C, H, W, detail::stream_grad_input(grad_in),
+      [&](int64_t m, int64_t r0, int64_t r1, acc_t* band) {
+        const int64_t lo = r0 * W, hi = r1 * W;
+        // int32 offsets into the band for the gather/scatter.
+        const bool vec = H * W <= INT32_MAX && (r1 - r0) * W * C <= INT32_MAX;
+        bool ok = true;
+        for (const int64_t k : per_image[m]) {
+          const PoolBins& b = B[k];
+          for (int64_t ph = 0; ph < PH; ++ph) {
+            const int64_t h0 = b.h0[ph], h1 = b.h1[ph], home = std::min(h0, H - 1);
+            // Each bin row's argmax is checked once, in the band holding its first row (or
+            // the last row of the map for rows starting past it).
+            const bool check = r0 <= home && home < r1;
+            if (!check && (h1 <= r0 || h0 >= r1)) {
+              continue;
+            }
+            for (int64_t pw = 0; pw < PW; ++pw) {
+              const int64_t o = (k * P + ph * PW + pw) * C;
+              ok &= scatter_band<scalar_t>(ap + o, gp + o, C, lo, hi, check, h0 * W, h1 * W, vec, band);
+            }
+          }
+        }
+        if (!ok) {
+          all_in_bins = false;
+        }
+      });
+  return all_in_bins;
+}
+
 at::Tensor roi_pool_backward(
     const at::Tensor& grad,
     const at::Tensor& rois,
@@ -531,14 +648,24 @@ at::Tensor roi_pool_backward(
     return detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt).to(grad.scalar_type());
   }
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  // NCHW planes are written by the thread that owns them (detail::NchwPlanes); channels_last
-  // scatters into zeros.
-  at::Tensor grad_in = cl ? detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt)
-                          : detail::owned_grad_input(grad, batch_size, channels, height, width, fmt);
-  const bool stream = detail::stream_grad_input(grad_in);
   const at::Tensor g = grad.contiguous(fmt);
   const at::Tensor a = argmax.contiguous(fmt);
   const at::Tensor r = detail::rois_as(rois, acc_type);
+  if (cl) {
+    at::Tensor owned = detail::owned_grad_input(grad, batch_size, channels, height, width, fmt);
+    bool done = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "roi_pool_backward", [&] {
+      done = backward_channels_last_bands<scalar_t>(g, a, r, spatial_scale, pooled_height, pooled_width, owned);
+    });
+    if (done) {
+      return owned;
+    }
+  }
+  // NCHW planes are written by the thread that owns them (detail::NchwPlanes); channels_last
+  // with an argmax outside its bin scatters into zeros.
+  at::Tensor grad_in = cl ? detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt)
+                          : detail::owned_grad_input(grad, batch_size, channels, height, width, fmt);
+  const bool stream = detail::stream_grad_input(grad_in);
   const int64_t N = batch_size, K = rois.size(0), C = channels, HW = height * width, P = pooled_height * pooled_width;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "roi_pool_backward", [&] {
     using acc_t = opmath_t<scalar_t>;
@@ -566,13 +693,8 @@ at::Tensor roi_pool_backward(
     // Both: no races, and every element receives its adds in ROI order (deterministic, the
     // order of torchvision's loop).
     if (cl) {
-      // Threads own blocks of V channels (whole cache lines of every pixel). A compact
-      // per-(image, block) buffer copied into the lines at the end measured slower (P2 case,
-      // 2 threads: 94 vs 71 ms): at 3.5 MB it does not stay in L2 either. So did ~1 MiB row
-      // bands filled in L2 as the ps backwards do (detail::by_bands; 72-83 vs 48 ms): a P2 bin
-      // spans about three 3-row bands, and each band must scan all its bins' argmax.
-      // Prefetching the next bin's destinations: 45-54 -> 39 ms fp32, 74-78 -> 59 ms bf16 (a
-      // distance of two bins measured no better).
+      // The general path (an argmax outside its bin): threads own blocks of V channels
+      // (whole cache lines of every pixel) and prefetch the next bin's destinations.
       at::parallel_for(0, (C + V - 1) / V, detail::grain_for(K * P * V), [&](int64_t u0, int64_t u1) {
         const int64_t c0 = u0 * V, c1 = std::min(C, u1 * V);
         for (int64_t k = 0; k < K; ++k) {
