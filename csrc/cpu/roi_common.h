@@ -461,7 +461,7 @@ inline bool stream_grad_input(const at::Tensor& grad_in) {
 
 // NCHW gradient planes that one thread owns and fills: start() returns `planes` zeroed
 // opmath planes to add into while they stay in cache, finish() leaves them in grad_input.
-// Two ways, chosen by the size of grad_input (stream_grad_input below):
+// Two ways, chosen by the size of grad_input (stream_grad_input above):
 // - streaming: the planes are a per-thread buffer, written to grad_input once with
 //   non-temporal stores (write_opmath, rounding bfloat16/half);
 // - otherwise float/double add into grad_input's planes themselves, zeroed right before, and

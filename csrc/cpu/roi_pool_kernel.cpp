@@ -119,36 +119,9 @@ inline void start_max(bool empty, OpVec<scalar_t>& cur, OpVec<scalar_t>& pos) {
   pos = at::vec::cast<acc_t>(at::vec::Vectorized<IdxInt<acc_t>>(IdxInt<acc_t>(-1)));
 }
 
-// Max and argmax of bin (ph, pw) for NV vectors of channels starting at c (the last one
-// `lanes` wide), kept in registers while the bin's pixels are scanned.
-template <typename scalar_t, int NV>
-inline void bin_max_vectors(
-    const scalar_t* px0,
-    int64_t W,
-    int64_t pstride,
-    int64_t c,
-    int64_t lanes,
-    const PoolBins& b,
-    int64_t ph,
-    int64_t pw,
-    opmath_t<scalar_t>* m,
-    opmath_t<scalar_t>* arg) {
-  constexpr int64_t V = OpVec<scalar_t>::size();
-  OpVec<scalar_t> cur[NV], pos[NV];
-  for (int g = 0; g < NV; ++g) {
-    start_max<scalar_t>(b.empty(ph, pw), cur[g], pos[g]);
-  }
-  scan_max<scalar_t, NV>(px0 + c, W, pstride, lanes, b.h0[ph], b.h1[ph], b.w0[pw], b.w1[pw], cur, pos);
-  for (int g = 0; g < NV; ++g) {
-    cur[g].store(m + c + g * V);
-    pos[g].store(arg + c + g * V);
-  }
-}
-
-// Max and argmax of bin (ph, pw) over `n` channels of a pixel-major image (pixels `pstride`
-// apart, channel 0 of the block at px0), into m[0, n) and arg[0, n) (argmax bits in opmath
-// lanes; both sized to whole vectors). Scan order and comparisons are torchvision's. Up to
-// 4 vectors of channels per scan of the bin: registers hold their maxima and positions.
+// Max and argmax of bin (ph, pw) over n <= V channels of a pixel-major image (pixels `pstride`
+// apart), kept in registers while the bin's pixels are scanned, then stored to m[0, V) and
+// arg[0, V) (argmax bits in opmath lanes).
 template <typename scalar_t>
 inline void bin_max(
     const scalar_t* px0,
@@ -160,17 +133,11 @@ inline void bin_max(
     int64_t pw,
     opmath_t<scalar_t>* m,
     opmath_t<scalar_t>* arg) {
-  constexpr int64_t V = OpVec<scalar_t>::size();
-  int64_t c = 0;
-  for (; c + 4 * V <= n; c += 4 * V) {
-    bin_max_vectors<scalar_t, 4>(px0, W, pstride, c, V, b, ph, pw, m, arg);
-  }
-  for (; c + V <= n; c += V) {
-    bin_max_vectors<scalar_t, 1>(px0, W, pstride, c, V, b, ph, pw, m, arg);
-  }
-  if (c < n) {
-    bin_max_vectors<scalar_t, 1>(px0, W, pstride, c, n - c, b, ph, pw, m, arg);
-  }
+  OpVec<scalar_t> cur, pos;
+  start_max<scalar_t>(b.empty(ph, pw), cur, pos);
+  scan_max<scalar_t, 1>(px0, W, pstride, n, b.h0[ph], b.h1[ph], b.w0[pw], b.w1[pw], &cur, &pos);
+  cur.store(m);
+  pos.store(arg);
 }
 
 // Stores lanes [0, n) of m/arg as outputs `stride` elements apart.
