@@ -466,6 +466,8 @@ inline bool stream_grad_input(const at::Tensor& grad_in) {
 //   non-temporal stores (write_opmath, rounding bfloat16/half);
 // - otherwise float/double add into grad_input's planes themselves, zeroed right before, and
 //   bfloat16/half into a buffer rounded into grad_input with ordinary stores.
+// The per-thread buffer is zeroed once; finish() writes it out and re-zeroes only its nonzero
+// blocks (drain_opmath), as a backward's planes are mostly untouched.
 template <typename scalar_t>
 class NchwPlanes {
  public:
@@ -489,7 +491,10 @@ class NchwPlanes {
         return dst;
       }
     }
-    buf_.assign(planes * HW, acc_t(0));
+    // finish() leaves the buffer zero (drain_opmath), so only a larger one needs zeros added.
+    if (static_cast<int64_t>(buf_.size()) < planes * HW) {
+      buf_.resize(planes * HW, acc_t(0));
+    }
     *acc_stride = HW;
     return buf_.data();
   }
@@ -499,7 +504,7 @@ class NchwPlanes {
       return;  // added in place
     }
     for (int64_t j = 0; j < planes_; ++j) {
-      write_opmath(dst_ + j * stride_, buf_.data() + j * HW_, HW_, stream_);
+      drain_opmath(dst_ + j * stride_, buf_.data() + j * HW_, HW_, stream_);
     }
   }
 

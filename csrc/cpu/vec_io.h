@@ -132,22 +132,37 @@ inline void store_strided(scalar_t* p, int64_t stride, const OpVec<scalar_t>& v,
   }
 }
 
-// Writes n opmath values to dst, rounding to scalar_t. With `nontemporal`, through
-// non-temporal stores where the ISA has them (AVX-512): a gradient written once and not read
-// again by the kernel need not have its lines read first (an ordinary store reads each line
-// it writes) nor kept in cache.
-// `fence` = false leaves the ordering fence to the caller (stream_fence, once after many
-// small writes). int32_t (opmath int32_t) writes as is.
-template <typename scalar_t>
-inline void write_opmath(scalar_t* dst, const opmath_t<scalar_t>* src, int64_t n, bool nontemporal, bool fence = true) {
+// Whether the n values at p are all +0 (every bit clear; -0 rounds to a different bfloat16).
+template <typename T>
+inline bool all_bits_zero(const T* p, int64_t n) {
+  uint64_t any = 0;
+  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(T)) / 8; ++i) {
+    uint64_t w;
+    std::memcpy(&w, reinterpret_cast<const char*>(p) + 8 * i, 8);
+    any |= w;
+  }
+  return any == 0;
+}
+
+namespace io_detail {
+// write_opmath, and with kDrain drain_opmath (which also leaves src zero).
+template <bool kDrain, typename scalar_t, typename Src>
+inline void write_opmath(scalar_t* dst, Src* src, int64_t n, bool nontemporal, bool fence) {
+  using acc_t = opmath_t<scalar_t>;
   using Vec = OpVec<scalar_t>;
   constexpr int64_t V = Vec::size();
   int64_t i = 0;
+  const auto clear = [&](int64_t at, int64_t count) {
+    if constexpr (kDrain) {
+      std::fill_n(src + at, count, acc_t(0));
+    }
+  };
 #if defined(CPU_CAPABILITY_AVX512)
   if (nontemporal) {
     constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));  // one 64-byte store
     for (; i < n && reinterpret_cast<uintptr_t>(dst + i) % 64 != 0; ++i) {
       dst[i] = static_cast<scalar_t>(src[i]);
+      clear(i, 1);
     }
     for (; i + kLine <= n; i += kLine) {
       if constexpr (std::is_same_v<scalar_t, float>) {
@@ -160,16 +175,55 @@ inline void write_opmath(scalar_t* dst, const opmath_t<scalar_t>* src, int64_t n
         const __m512i v = at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + V));
         _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), v);
       }
+      clear(i, kLine);  // just loaded: cheaper to clear than to test first
     }
     if (fence) {
       _mm_sfence();  // ordered before the parallel region's end makes them visible to other threads
     }
   }
 #endif
+  if constexpr (kDrain) {
+    // Zero blocks (most of a sparse gradient's) are written as zeros, without rounding, and
+    // need no clearing.
+    for (; i + 2 * V <= n; i += 2 * V) {
+      if (all_bits_zero(src + i, 2 * V)) {
+        std::fill_n(dst + i, 2 * V, scalar_t(0));
+        continue;
+      }
+      if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+        at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + V)).store(dst + i);
+      } else {
+        std::copy_n(src + i, 2 * V, dst + i);
+      }
+      clear(i, 2 * V);
+    }
+  }
   for (; i < n; i += V) {
     const int64_t m = std::min(V, n - i);
     store_opmath(dst + i, Vec::loadu(src + i, m), m);
+    clear(i, m);
   }
+}
+} // namespace io_detail
+
+// Writes n opmath values to dst, rounding to scalar_t. With `nontemporal`, through
+// non-temporal stores where the ISA has them (AVX-512): a gradient written once and not read
+// again by the kernel need not have its lines read first (an ordinary store reads each line
+// it writes) nor kept in cache.
+// `fence` = false leaves the ordering fence to the caller (stream_fence, once after many
+// small writes). int32_t (opmath int32_t) writes as is.
+template <typename scalar_t>
+inline void write_opmath(scalar_t* dst, const opmath_t<scalar_t>* src, int64_t n, bool nontemporal, bool fence = true) {
+  io_detail::write_opmath<false>(dst, src, n, nontemporal, fence);
+}
+
+// write_opmath that also leaves src all zero, for a buffer written out and then accumulated
+// into again (NchwPlanes): zeroed once, afterwards only its nonzero blocks are cleared, instead
+// of a memset of all of it per use. The R-FCN ps gradients are ~88% zeros; skipping the
+// rounding of their zero blocks made the bfloat16 NCHW ps_roi_pool backward 3.5 -> 3.1 ms.
+template <typename scalar_t>
+inline void drain_opmath(scalar_t* dst, opmath_t<scalar_t>* src, int64_t n, bool nontemporal) {
+  io_detail::write_opmath<true>(dst, src, n, nontemporal, /*fence=*/true);
 }
 
 // Orders the non-temporal stores of write_opmath(..., fence = false) calls before what follows.
