@@ -445,18 +445,20 @@ inline at::Tensor owned_grad_input(const at::Tensor& grad, int64_t N, int64_t C,
   return empty_output({N, C, H, W}, grad.options(), fmt);
 }
 
-// Whether a backward writes grad_input with non-temporal stores (NchwPlanes). Measured on
-// this VM (2 threads; its L3 is large): roi_pool's P2 gradient (111 MB) 24 -> 17-20 ms with
-// them, the R-FCN ps gradients (53 MB) 2.8 -> 3.6 ms: a destination that was just written
-// before (the output pool reuses it) still sits in cache and ordinary stores hit it, while
-// streaming always goes to memory. Above 64 MiB the lines are gone from cache anyway.
-// The size counted is that of the opmath gradient the kernels accumulate (a bfloat16/half one
-// twice its bytes): roi_pool's P2 bfloat16 NCHW backward (55 MB) 21 -> 19 ms streamed, while
-// the 26 MB R-FCN bfloat16 gradients measured alike or slower (ps_roi_align channels_last
-// 3.4-3.9 -> 4.1 ms).
+// Whether a backward writes grad_input with non-temporal stores (NchwPlanes): when its opmath
+// size (what the kernels accumulate; a bfloat16/half gradient counts twice its bytes) is at
+// least 32 MiB per thread. Below that, a destination written in the previous call (the output
+// pool hands back the same block) still sits in this VM's caches, which seem to grow with the
+// threads used, and ordinary stores hit it; above, streaming saves reading every line before
+// writing it. Measured here (2-vCPU VM, R-FCN ps gradients 53 MB as float, roi_pool P2 111 MB):
+// - 2 threads: the ps backwards alike either way (2.6-3.3 ms, noise; 2.8 -> 3.6 ms streamed in
+//   an earlier run), roi_pool P2 24 -> 17-20 ms streamed (bfloat16 NCHW 21 -> 19 ms);
+// - 1 thread: the ps backwards 9.2-10.5 -> 5.4-6.1 ms streamed (fp32), 5.7-8.0 -> 4.0-5.5 ms
+//   (bfloat16), so a single-thread gradient of 53 MB no longer stays in cache.
 inline bool stream_grad_input(const at::Tensor& grad_in) {
   const auto acc = at::toOpMathType(grad_in.scalar_type());
-  return static_cast<size_t>(grad_in.numel()) * c10::elementSize(acc) >= (size_t{64} << 20);
+  const size_t threads = static_cast<size_t>(std::max(1, at::get_num_threads()));
+  return static_cast<size_t>(grad_in.numel()) * c10::elementSize(acc) >= (size_t{32} << 20) * threads;
 }
 
 // NCHW gradient planes that one thread owns and fills: start() returns `planes` zeroed
