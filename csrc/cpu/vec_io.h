@@ -175,7 +175,7 @@ inline void write_opmath(scalar_t* dst, Src* src, int64_t n, bool nontemporal, b
         const __m512i v = at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + V));
         _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), v);
       }
-      clear(i, kLine);  // just loaded: cheaper to clear than to test first
+      clear(i, kLine);  // without testing it first: the line was just loaded
     }
     if (fence) {
       _mm_sfence();  // ordered before the parallel region's end makes them visible to other threads
