@@ -184,12 +184,12 @@ inline BandPlan plan_bands(
   plan.meets.resize(N * plan.bands);
   plan.rank.resize(B.size());
   plan.count.assign(N, 0);
-  std::vector<std::vector<std::vector<std::pair<int64_t, int64_t>>>> starts(N, std::vector<std::vector<std::pair<int64_t, int64_t>>>(plan.bands));
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> starts(N * plan.bands);  // (k, ph) by first band
   for (const int64_t k : order) {
     const PoolBins& b = B[k];
     plan.rank[k] = plan.count[b.batch]++;
     for (int64_t ph = 0; ph < PH; ++ph) {
-      starts[b.batch][band_of(b.h0[ph])].emplace_back(k, ph);
+      starts[b.batch * plan.bands + band_of(b.h0[ph])].emplace_back(k, ph);
     }
   }
   for (int64_t n = 0; n < N; ++n) {
@@ -197,7 +197,7 @@ inline BandPlan plan_bands(
     int32_t used = 0;
     std::vector<std::pair<BandRow, int64_t>> open;  // with the band of its last row
     for (int64_t band = 0; band < plan.bands; ++band) {
-      for (const auto& [k, ph] : starts[n][band]) {
+      for (const auto& [k, ph] : starts[n * plan.bands + band]) {
         const PoolBins& b = B[k];
         const int64_t last = b.h1[ph] > b.h0[ph] ? band_of(b.h1[ph] - 1) : band;
         int32_t slot = -1;

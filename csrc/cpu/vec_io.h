@@ -132,6 +132,7 @@ inline void store_strided(scalar_t* p, int64_t stride, const OpVec<scalar_t>& v,
   }
 }
 
+namespace io_detail {
 // Whether the n values at p are all +0 (every bit clear; -0 rounds to a different bfloat16).
 template <typename T>
 inline bool all_bits_zero(const T* p, int64_t n) {
@@ -144,7 +145,6 @@ inline bool all_bits_zero(const T* p, int64_t n) {
   return any == 0;
 }
 
-namespace io_detail {
 // write_opmath, and with kDrain drain_opmath (which also leaves src zero).
 template <bool kDrain, typename scalar_t, typename Src>
 inline void write_opmath(scalar_t* dst, Src* src, int64_t n, bool nontemporal, bool fence) {
