@@ -55,6 +55,30 @@ def test_forward_matches_reference(dtype, layout, contiguous, sampling_ratio, th
         assert torch.equal(mapping, canonical)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_more_output_channels_than_a_vector(dtype, layout, threads):
+    """19 output channels: two or three vector blocks per bin, as items of their own."""
+    c_out = 19
+    x = make_input(dtype, layout, True, channels=c_out * POOLED[0] * POOLED[1])
+    rois = make_rois(K=30, seed=3, dtype=dtype)
+    out, mapping = OP(x, rois, SCALE, *POOLED, 2)
+    expected = ref_ps_roi_align(x, rois, SCALE, *POOLED, 2)
+    torch.testing.assert_close(out.double(), expected, equal_nan=True, **TOL[dtype])
+    canonical = torch.arange(x.shape[1], dtype=torch.int32).view(1, c_out, *POOLED).expand_as(mapping)
+    assert torch.equal(mapping, canonical)
+    if NATIVE and dtype in (torch.float32, torch.float64):
+        g = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+        args = (rois, mapping, SCALE, *POOLED, 2, *x.shape)
+        ours = BWD(g, *args)
+        torchvision_cpu_ext.disable()
+        try:
+            tv_grad = BWD(g, *args)
+        finally:
+            torchvision_cpu_ext.enable()
+        torch.testing.assert_close(ours, tv_grad, **TOL[dtype])
+
+
 @pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
 @pytest.mark.parametrize("layout", LAYOUTS)

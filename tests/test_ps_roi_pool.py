@@ -51,6 +51,32 @@ def test_forward_matches_reference(dtype, layout, contiguous, threads):
         assert torch.equal(mapping, canonical)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_more_output_channels_than_a_vector(dtype, layout, threads):
+    """19 output channels: two or three vector blocks per bin, as items of their own."""
+    c_out = 19
+    x = make_input(dtype, layout, True, channels=c_out * POOLED[0] * POOLED[1])
+    rois = make_rois(K=30, seed=3, dtype=dtype)
+    out, mapping = OP(x, rois, SCALE, *POOLED)
+    torch.testing.assert_close(out.double(), ref_ps_roi_pool(x, rois, SCALE, *POOLED), **TOL[dtype])
+    canonical = torch.arange(x.shape[1], dtype=torch.int32).view(1, c_out, *POOLED).expand_as(mapping)
+    assert torch.equal(mapping, canonical)
+    if NATIVE and dtype in (torch.float32, torch.float64):
+        g = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+        inside = (rois[:, 3] * SCALE < W - 2) & (rois[:, 4] * SCALE < H - 2)  # see interior_rois
+        args = (rois[inside], mapping[inside], SCALE, *POOLED, *x.shape)
+        ours = BWD(g[inside], *args)
+        torchvision_cpu_ext.disable()
+        try:
+            tv_out = OP(x, rois, SCALE, *POOLED)
+            tv_grad = BWD(g[inside], *args)
+        finally:
+            torchvision_cpu_ext.enable()
+        assert torch.equal(out, tv_out[0])
+        torch.testing.assert_close(ours, tv_grad, **TOL[dtype])
+
+
 def interior_rois(dtype: torch.dtype) -> torch.Tensor:
     """Boxes whose bins stay off the last row and column of the map, where torchvision's
     backward disagrees with its own forward (NOTE [ ps_roi_pool backward ])."""

@@ -19,6 +19,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/SmallVector.h>
 
 #include "memory.h"
 #include "vec_io.h"
@@ -236,14 +237,17 @@ std::vector<RoiSampling<acc_t>> build_all_roi_sampling(
 // roi_pool (the box includes its end pixel) and 0 for ps_roi_pool; bins are clipped to
 // [0, clip_h] x [0, clip_w] (H, W for roi_pool; H - 1, W - 1 for ps_roi_pool's forward).
 struct PoolBins {
+  // [start, end) of each output row / column of bins; inline up to 8 bins (no allocation per
+  // box for the usual 7x7: a forward builds one per box on every call).
+  using Axis = c10::SmallVector<int64_t, 8>;
   int64_t batch = 0;
-  std::vector<int64_t> h0, h1, w0, w1;  // [start, end) of each output row / column of bins
+  Axis h0, h1, w0, w1;
   bool empty(int64_t ph, int64_t pw) const { return h1[ph] <= h0[ph] || w1[pw] <= w0[pw]; }
 };
 
 template <typename acc_t>
 void build_pool_axis(acc_t lo, acc_t hi, int64_t extent_plus, int64_t bins, int64_t clip,
-                     std::vector<int64_t>& s, std::vector<int64_t>& e) {
+                     PoolBins::Axis& s, PoolBins::Axis& e) {
   s.assign(bins, 0);
   e.assign(bins, 0);
   if (!(std::isfinite(lo) && std::isfinite(hi))) {
