@@ -5,16 +5,20 @@
 // c_in = (c_out * PH + ph) * PW + pw, so every input channel feeds exactly one (c_out, bin):
 // the c_out outputs of one bin read the same pixels of planes PH * PW channels apart (NCHW:
 // PH * PW * H * W elements; channels_last: PH * PW elements of one pixel, a strided gather).
-// - Forward: items are (ROI, block of V output channels); each bin runs roi_align's
-//   separable, merged taps (computed once per ROI, NOTE [ separable bilinear sampling ]) with
-//   one vector of V output channels per tap, loaded by a gather (StridedLoad). Measured on the
+// - Forward: each bin runs roi_align's separable, merged taps (computed once per ROI, NOTE
+//   [ separable bilinear sampling ]) with one vector of V output channels per tap, loaded by a
+//   gather (StridedLoad). The misses, not the arithmetic, bound it: a standalone measurement
+//   gave ~4 ns per 10-lane gather from L1 but ~60 ns from random lines of a map beyond L2.
+//   NCHW items are (bin, image, block of V output channels): an item samples one bin of every
+//   ROI of the image from the bin's V planes (V * H * W elements) while they are in L2, so each
+//   line of the map is fetched about once. channels_last items are (ROI, block) in spatial
+//   order with the next bin's taps prefetched: there a pixel's V channels are V lines of its
+//   own, and a bin-major order measured slower (ps_roi_pool: 3.8 vs 2.1 ms). Measured on the
 //   R-FCN case ([2, 490, 100, 136], 300 boxes, 7x7, 2 threads): the scalar loop per (ROI,
-//   output channel) this replaced took ~3.1 ms, this one ~2.0 ms with the next bin's lines
-//   prefetched (~2.5 ms without). A call touches about half a million lines of the map, each
-//   about once, in no order a hardware prefetcher follows; a standalone measurement gave
-//   ~4 ns per 10-lane gather from L1 but ~60 ns from random lines of a map beyond L2, so the
-//   misses, not the arithmetic, bound it, and prefetching overlaps them. An
-//   input-channel-major order (each plane read once for all ROIs) measured slower before.
+//   output channel) took ~3.1 ms; ROI-major items with prefetching ~2.0 ms (~2.5 without);
+//   bin-major NCHW items 1.64 ms against 2.03 ms for ROI-major in one process (1 thread:
+//   3.12 vs 3.13 ms). Per plane (scalar, one plane at a time for all ROIs) measured slower
+//   than either.
 // - Backward, NCHW (detail::ps_backward_nchw): a thread owns (bin b, block of V output
 //   channels), hence the input channels c_out * PH * PW + b they feed, whose planes it zeroes
 //   and fills while in cache (detail::NchwPlanes) from each image's ROIs in order.
@@ -68,50 +72,70 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_align_forward(
     using acc_t = opmath_t<scalar_t>;
     const auto S = detail::build_all_roi_sampling<acc_t>(
         r, N, H, W, spatial_scale, PH, PW, sampling_ratio, /*aligned=*/true, /*count_at_least_one=*/false);
-    const auto order = detail::spatial_order<acc_t>(r);
     const scalar_t* ip = in.const_data_ptr<scalar_t>();
     scalar_t* op = output.data_ptr<scalar_t>();
-    int32_t* mp = mapping.data_ptr<int32_t>();
-    // Items are (ROI, block of V output channels); see NOTE [ position-sensitive layouts ].
     constexpr int64_t V = OpVec<scalar_t>::size();
     using Vec = OpVec<scalar_t>;
-    const int64_t blocks = (Cout + V - 1) / V, gstride = PH * PW * cstride;
-    at::parallel_for(0, K * blocks, detail::grain_for(PH * PW * 9 * V), [&](int64_t i0, int64_t i1) {
+    const int64_t P = PH * PW, blocks = (Cout + V - 1) / V, gstride = P * cstride;
+    // Bin (ph, pw) of ROI k for output channels c0 .. c0 + n, `bin` pointing at that bin's
+    // channel for c0 at pixel (0, 0).
+    const auto pool = [&](const StridedLoad<scalar_t>& load, const scalar_t* bin, int64_t k, int64_t ph, int64_t pw,
+                          int64_t c0, int64_t n) {
+      const RoiSampling<acc_t>& s = S[k];
+      Vec acc(0);
+      for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
+        const scalar_t* row = bin + s.y.idx[ky] * W * pstride;
+        Vec racc(0);
+        for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
+          racc = racc + Vec(s.x.w[kx]) * load(row + s.x.idx[kx] * pstride);
+        }
+        acc = acc + Vec(s.y.w[ky]) * racc;
+      }
+      store_strided(op + k * os_k + c0 * os_c + (ph * PW + pw) * os_p, os_c, acc / Vec(s.count), n);
+    };
+    const detail::PsMappingRows map_rows(mapping, Cout, P, os_c, os_p);
+    if (!cl) {
+      // NCHW: items (bin, image, block of V output channels), as ps_roi_pool's forward (NOTE
+      // [ position-sensitive layouts ]).
+      const auto per_image = detail::rois_per_image(S, N);
+      const int64_t items = P * N * blocks;
+      at::parallel_for(0, items, detail::grain_for((K / N + 1) * 9 * V), [&](int64_t i0, int64_t i1) {
+        map_rows.copy_share(i0, i1, items);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t bb = i / (N * blocks), m = i / blocks % N, c0 = i % blocks * V;
+          const int64_t n = std::min(V, Cout - c0);
+          const StridedLoad<scalar_t> load(gstride, n);
+          const scalar_t* bin = ip + m * C * HW + (c0 * P + bb) * cstride;
+          for (const int64_t k : per_image[m]) {
+            pool(load, bin, k, bb / PW, bb % PW, c0, n);
+          }
+        }
+      });
+      return;
+    }
+    // channels_last: items (ROI, block of V output channels) in spatial order, the next bin's
+    // taps prefetched.
+    const auto order = detail::spatial_order<acc_t>(r);
+    const int64_t items = K * blocks;
+    at::parallel_for(0, items, detail::grain_for(P * 9 * V), [&](int64_t i0, int64_t i1) {
+      map_rows.copy_share(i0, i1, items);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t k = order[i / blocks], c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
         const RoiSampling<acc_t>& s = S[k];
         const StridedLoad<scalar_t> load(gstride, n);
         const scalar_t* group = ip + s.batch * C * HW + c0 * gstride;
-        for (int64_t ph = 0; ph < PH; ++ph) {
-          for (int64_t pw = 0; pw < PW; ++pw) {
-            const scalar_t* bin = group + (ph * PW + pw) * cstride;
-            if (ph * PW + pw + 1 < PH * PW) {
-              // The next bin's tap rows (NCHW: their first and last taps' lines; channels_last:
-              // every tap, each its own lines).
-              const int64_t nph = (ph * PW + pw + 1) / PW, npw = (ph * PW + pw + 1) % PW;
-              const scalar_t* next = bin + cstride;
-              const int64_t x0 = s.x.begin(npw), x1 = s.x.end(npw);
-              for (int64_t ky = s.y.begin(nph); ky < s.y.end(nph); ++ky) {
-                for (int64_t kx = x0; kx < x1; kx = cl || kx + 1 == x1 ? kx + 1 : x1 - 1) {
-                  load.prefetch(next + (s.y.idx[ky] * W + s.x.idx[kx]) * pstride);
-                }
+        for (int64_t bb = 0; bb < P; ++bb) {
+          if (bb + 1 < P) {
+            const int64_t nph = (bb + 1) / PW, npw = (bb + 1) % PW;
+            const scalar_t* next = group + (bb + 1) * cstride;
+            const int64_t x0 = s.x.begin(npw), x1 = s.x.end(npw);
+            for (int64_t ky = s.y.begin(nph); ky < s.y.end(nph); ++ky) {
+              for (int64_t kx = x0; kx < x1; kx = cl || kx + 1 == x1 ? kx + 1 : x1 - 1) {
+                load.prefetch(next + (s.y.idx[ky] * W + s.x.idx[kx]) * pstride);
               }
-            }
-            Vec acc(0);
-            for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
-              const scalar_t* row = bin + s.y.idx[ky] * W * pstride;
-              Vec racc(0);
-              for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
-                racc = racc + Vec(s.x.w[kx]) * load(row + s.x.idx[kx] * pstride);
-              }
-              acc = acc + Vec(s.y.w[ky]) * racc;
-            }
-            const int64_t o = k * os_k + c0 * os_c + (ph * PW + pw) * os_p;
-            store_strided(op + o, os_c, acc / Vec(s.count), n);
-            for (int64_t j = 0; j < n; ++j) {
-              mp[o + j * os_c] = static_cast<int32_t>(((c0 + j) * PH + ph) * PW + pw);
             }
           }
+          pool(load, group + bb * cstride, k, bb / PW, bb % PW, c0, n);
         }
       }
     });

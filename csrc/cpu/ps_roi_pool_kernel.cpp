@@ -23,9 +23,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include <cstring>
-#include <vector>
-
 namespace tvce {
 namespace {
 
@@ -64,22 +61,7 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const int64_t HW = H * W, pstride = cl ? C : 1, cstride = cl ? 1 : HW;
   const int64_t os_k = Cout * PH * PW, os_c = cl ? 1 : PH * PW, os_p = cl ? Cout : 1;
-  // channel_mapping is the same for every ROI: its row in memory order (NCHW (c, bin),
-  // channels_last (bin, c)) is copied to each ROI by the threads of the pooling loop.
-  std::vector<int32_t> map_row(Cout * PH * PW);
-  for (int64_t c = 0; c < Cout; ++c) {
-    for (int64_t p = 0; p < PH * PW; ++p) {
-      map_row[c * os_c + p * os_p] = static_cast<int32_t>(c * PH * PW + p);
-    }
-  }
-  int32_t* mp = mapping.data_ptr<int32_t>();
-  // Rows [K * i0 / items, K * i1 / items) of channel_mapping for the items [i0, i1) a thread
-  // runs: every row is written once however the items are split.
-  const auto map_share = [&](int64_t i0, int64_t i1, int64_t items) {
-    for (int64_t k = K * i0 / items; k < K * i1 / items; ++k) {
-      std::memcpy(mp + k * os_k, map_row.data(), map_row.size() * sizeof(int32_t));
-    }
-  };
+  const detail::PsMappingRows map_rows(mapping, Cout, PH * PW, os_c, os_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "ps_roi_pool_forward", [&] {
     using acc_t = opmath_t<scalar_t>;
     using Vec = OpVec<scalar_t>;
@@ -108,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
       const auto per_image = detail::rois_per_image(B, N);
       const int64_t items = P * N * blocks;
       at::parallel_for(0, items, detail::grain_for((K / N + 1) * 9 * V), [&](int64_t i0, int64_t i1) {
-        map_share(i0, i1, items);
+        map_rows.copy_share(i0, i1, items);
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t bb = i / (N * blocks), m = i / blocks % N, c0 = i % blocks * V;
           const int64_t n = std::min(V, Cout - c0);
@@ -127,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
     const auto order = detail::spatial_order<acc_t>(r);
     const int64_t items = K * blocks;
     at::parallel_for(0, items, detail::grain_for(P * 9 * V), [&](int64_t i0, int64_t i1) {
-      map_share(i0, i1, items);
+      map_rows.copy_share(i0, i1, items);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t k = order[i / blocks], c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
         const PoolBins& b = B[k];

@@ -28,6 +28,7 @@
 #include <cmath>
 #include <type_traits>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace tvce {
@@ -600,6 +601,34 @@ inline void check_pooled_size(const char* op, int64_t pooled_height, int64_t poo
 inline at::Tensor rois_as(const at::Tensor& rois, at::ScalarType acc) {
   return rois.to(acc).contiguous();
 }
+
+// channel_mapping of the position-sensitive forwards is the same for every ROI (output channel
+// c of bin p read input channel c * P + p): one row in the mapping's memory order (NCHW
+// (c, bin), channels_last (bin, c)), copied to each ROI by the threads of the pooling loop.
+class PsMappingRows {
+ public:
+  PsMappingRows(at::Tensor& mapping, int64_t Cout, int64_t P, int64_t os_c, int64_t os_p)
+      : dst_(mapping.data_ptr<int32_t>()), K_(mapping.size(0)), row_(Cout * P) {
+    for (int64_t c = 0; c < Cout; ++c) {
+      for (int64_t p = 0; p < P; ++p) {
+        row_[c * os_c + p * os_p] = static_cast<int32_t>(c * P + p);
+      }
+    }
+  }
+  // Rows [K * i0 / items, K * i1 / items) for a thread running items [i0, i1) of `items`:
+  // every row is written once however the items are split.
+  void copy_share(int64_t i0, int64_t i1, int64_t items) const {
+    const int64_t n = static_cast<int64_t>(row_.size());
+    for (int64_t k = K_ * i0 / items; k < K_ * i1 / items; ++k) {
+      std::memcpy(dst_ + k * n, row_.data(), n * sizeof(int32_t));
+    }
+  }
+
+ private:
+  int32_t* dst_;
+  int64_t K_;
+  std::vector<int32_t> row_;
+};
 
 // The checks both position-sensitive backwards make; returns the output channel count.
 inline int64_t check_ps_backward(
