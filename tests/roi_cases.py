@@ -68,7 +68,7 @@ def expected_format(layout: str) -> torch.memory_format:
 def large_map_case(
     channels: int, K: int = 60, seed: int = 3, n: int = 2, h: int = 100, w: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """An [n, channels, h, w] map (by default several of the ~1 MiB row bands that
+    """An [n, channels, h, w] map (by default several of the row bands (1-1.5 MiB here) that
     channels_last backwards fill in turn) and boxes over all of it, many crossing band borders."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, channels, h, w, generator=g)

@@ -187,8 +187,8 @@ def test_channels_last_bands(dtype, boxes, images, threads):
     exp_out, exp_arg = OP(x, rois, SCALE, 7, 7)
     assert torch.equal(out, exp_out) and torch.equal(argmax, exp_arg)
     assert (argmax >= 0).float().mean() > 0.5  # most bins hold pixels
-    # The backward takes the same map in bands of rows (1 MiB of opmath elements: 14 rows of
-    # fp32 here), visiting the bins that meet each band: equal to the NCHW path.
+    # The backward takes the same map in bands of rows (3/4 of L2 of opmath elements: 21 rows of
+    # fp32 with a 2 MiB L2), visiting the bins that meet each band: equal to the NCHW path.
     grad = torch.randn(argmax.shape, generator=torch.Generator().manual_seed(8)).to(dtype)
     cl_grad = BWD(
         grad.contiguous(memory_format=torch.channels_last),

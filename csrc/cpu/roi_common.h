@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <cstdint>
 #include <cstring>
+#include <unistd.h>
 #include <vector>
 
 namespace tvce {
@@ -549,17 +550,28 @@ void ps_backward_nchw(scalar_t* grad_in, const std::vector<std::vector<int64_t>>
   });
 }
 
+// The per-core L2 size (glibc's sysconf; 1 MiB when it does not say).
+inline int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t{1} << 20;
+  }();
+  return bytes;
+}
+
 // channels_last backward by bands of rows: a thread owns (image m, rows [r0, r1)), whose
 // grad_input elements are contiguous in channels_last, and calls fill(m, r0, r1, band) to add
 // every contribution landing in those rows into `band`, zeroed opmath elements where pixel
-// (y, x), channel c is band[((y - r0) * W + x) * C + c]. Bands are ~1 MiB so they stay in L2
-// while ROIs scatter into them (scattering into a zeroed map missed the cache on nearly every
-// add), and each is written to grad_input once (bfloat16/half rounded then).
+// (y, x), channel c is band[((y - r0) * W + x) * C + c]. Bands are about `band_bytes` of opmath
+// so they stay in L2 while ROIs scatter into them (scattering into a zeroed map missed the
+// cache on nearly every add), and each is written to grad_input once (bfloat16/half rounded
+// then). A bin whose rows span several bands is visited by each of them, so larger bands do
+// less repeated work until they leave L2 (the callers' sizes are measured there).
 template <typename scalar_t, typename Fill>
-void by_bands(scalar_t* grad_in, int64_t N, int64_t C, int64_t H, int64_t W, bool stream, const Fill& fill) {
+void by_bands(scalar_t* grad_in, int64_t N, int64_t C, int64_t H, int64_t W, bool stream, int64_t band_bytes,
+              const Fill& fill) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kBandBytes = 1 << 20;
-  const int64_t row = std::max<int64_t>(1, W * C), rows = std::max<int64_t>(1, kBandBytes / (row * sizeof(acc_t)));
+  const int64_t row = std::max<int64_t>(1, W * C), rows = std::max<int64_t>(1, band_bytes / (row * sizeof(acc_t)));
   const int64_t bands = (H + rows - 1) / rows;
   at::parallel_for(0, N * bands, 1, [&](int64_t t0, int64_t t1) {
     NchwPlanes<scalar_t> band(stream);

@@ -28,7 +28,7 @@
 //   than half the map; otherwise direct per-plane scalar loops.
 // - Backward adds each output gradient at its argmax. Threads own (image, channel) planes in
 //   NCHW (detail::NchwPlanes: the plane stays in cache, large gradients are written with
-//   non-temporal stores) and ~1 MiB bands of rows in channels_last (detail::by_bands; each band
+//   non-temporal stores) and bands of rows (3/4 of L2) in channels_last (detail::by_bands; each band
 //   visits the bins whose rows meet it and adds the channels whose argmax falls in it with a
 //   masked gather/add/scatter: P2 case, 2 threads, 38-46 -> 24 ms fp32, 58-75 -> 25 ms bf16;
 //   the same bands with a scalar loop per channel measured 72-83 ms). ROIs are visited in
@@ -538,7 +538,7 @@ inline bool scatter_band(
   return ok;
 }
 
-// channels_last backward by bands of rows (detail::by_bands: a thread owns ~1 MiB of rows of
+// channels_last backward by bands of rows (detail::by_bands: a thread owns 3/4 of L2 of rows of
 // an image, zeroes it in L2, adds into it and writes it once), visiting in each band the bins
 // whose rows meet it, boxes in order: every element gets its adds in torchvision's order.
 // Returns false if an argmax lies outside its bin's rows; grad_in is then to be recomputed by
@@ -559,8 +559,11 @@ bool backward_channels_last_bands(
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
   const int32_t* ap = a.const_data_ptr<int32_t>();
   std::atomic<bool> all_in_bins{true};
+  // Bands of 3/4 of L2: the P2 boxes' bin rows span several bands. Measured (P2 case, 2
+  // threads, 2 MiB L2): 1 MiB bands 18.5 ms, 1.5 MiB 16.3, 2 MiB 16.0, 3 MiB 16.8 (bfloat16
+  // 16.9 -> 14.2 ms at 1.5 MiB; 1 thread 35.9 -> 32.3 ms). The ps ops' small boxes keep half.
   detail::by_bands(
-      grad_in.data_ptr<scalar_t>(), N, C, H, W, detail::stream_grad_input(grad_in),
+      grad_in.data_ptr<scalar_t>(), N, C, H, W, detail::stream_grad_input(grad_in), detail::l2_bytes() * 3 / 4,
       [&](int64_t m, int64_t r0, int64_t r1, acc_t* band) {
         const int64_t lo = r0 * W, hi = r1 * W;
         // int32 offsets into the band for the gather/scatter.
