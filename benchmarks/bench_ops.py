@@ -2,9 +2,10 @@
 
     python benchmarks/bench_ops.py [--quick] [--threads 1 2] [--out benchmarks/out]
 
-Every row times one op call with torch.utils.benchmark (median of blocked runs) at a fixed,
-reported thread count; torchvision's kernel runs in the same process through
-torchvision_cpu_ext.disable(). The speedup column is always against torchvision's fp32 NCHW
+Every row times one op call with torch.utils.benchmark at a fixed, reported thread count;
+torchvision's kernel runs in the same process through torchvision_cpu_ext.disable(), and the
+configurations of a case (torchvision's and ours) are timed in turn, ROUNDS times each, a row
+being the median of its rounds' medians (interleaved_seconds). The speedup column is always against torchvision's fp32 NCHW
 kernel of the same case and direction. Writes JSON and a markdown table (with the machine's
 CPU, ISA, versions and measured limits) to --out. Every row also carries `bytes` and `flops`
 (the model is WORK_MODEL below), which benchmarks/report.py places on a roofline.
@@ -13,9 +14,11 @@ CPU, ISA, versions and measured limits) to --out. Every row also carries `bytes`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -202,6 +205,27 @@ def median_seconds(stmt: str, env: dict, min_run_time: float) -> float:
     return t.median
 
 
+# Each case's configurations (torchvision's and ours, every layout and dtype) are timed in turn,
+# ROUNDS times each for min_time / ROUNDS, and a row is the median of its rounds: a drift of the
+# machine's speed during a case (torchvision's own time moved up to 2x between runs on the
+# shared VM) then falls on torchvision and on us alike instead of on one of them.
+ROUNDS = 5
+
+
+def interleaved_seconds(configs: list[tuple[str, str, dict]], min_time: float, inference: bool = False) -> list[float]:
+    """Median seconds per call of each (impl, stmt, env) configuration, timed in turn (ROUNDS)."""
+    rounds: list[list[float]] = [[] for _ in configs]
+    for _ in range(ROUNDS):
+        for times, (impl, stmt, env) in zip(rounds, configs, strict=True):
+            (torchvision_cpu_ext.disable if impl == "torchvision" else torchvision_cpu_ext.enable)()
+            try:
+                with torch.inference_mode() if inference else contextlib.nullcontext():
+                    times.append(median_seconds(stmt, env, min_time / ROUNDS))
+            finally:
+                torchvision_cpu_ext.enable()
+    return [statistics.median(t) for t in rounds]
+
+
 def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes) -> list[dict]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -217,7 +241,7 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes) -> li
     out_elems = case.boxes * c_out * p * p
     rows = []
     for direction, stmt in zip(("forward", "backward"), STATEMENTS[case.op], strict=True):
-        baseline = None
+        configs, labels = [], []
         for impl in ("torchvision", "ours"):
             for layout in layouts:
                 for dtype in dtypes:
@@ -230,56 +254,65 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes) -> li
                     (torchvision_cpu_ext.disable if impl == "torchvision" else torchvision_cpu_ext.enable)()
                     try:
                         out = getattr(torch.ops.torchvision, case.op)(*fwd_args)
-                        env = {
-                            "torch": torch,
-                            "x": x,
-                            "g": grad32.to(dtype).contiguous(memory_format=fmt),
-                            "aux": out[1] if isinstance(out, tuple) else None,
-                            "rois": rois,
-                            "s": case.scale,
-                            "p": p,
-                            "sr": case.sampling_ratio,
-                            "n": n,
-                            "c": c,
-                            "h": h,
-                            "w": w,
-                        }
-                        del out
-                        sec = median_seconds(stmt, env, min_time)
                     finally:
                         torchvision_cpu_ext.enable()
-                    if impl == "torchvision" and layout == "nchw":
-                        baseline = sec
-                    e = x.element_size()
-                    if direction == "forward":  # output (+ int32 argmax / channel_mapping), rois, footprint
-                        nbytes = out_elems * (e + (4 if case.op != "roi_align" else 0))
-                        nbytes += rois.nbytes + work["input_elems"] * e
-                        flops = 2 * fmas if fmas else work["pool_reads"]
-                    else:  # grad_input written, grad_output (+ roi_pool's argmax) and rois read
-                        nbytes = n * c * h * w * e + out_elems * (e + (4 if case.op == "roi_pool" else 0))
-                        nbytes += rois.nbytes
-                        flops = 2 * fmas if fmas else out_elems if case.op == "roi_pool" else work["pool_reads"]
-                    rows.append(
-                        {
-                            "op": case.op,
-                            "case": case.name,
-                            "direction": direction,
-                            "impl": impl,
-                            "layout": layout,
-                            "dtype": str(dtype).replace("torch.", ""),
-                            "threads": threads,
-                            "ms": sec * 1e3,
-                            "speedup_vs_torchvision_fp32_nchw": baseline / sec if baseline else None,
-                            "gfma_per_s": fmas / sec / 1e9 if fmas else None,
-                            "bytes": nbytes,
-                            "flops": flops,
-                        }
-                    )
-                    print(
-                        f"  {direction:8s} {impl:11s} {layout:13s} {rows[-1]['dtype']:8s} {threads}T "
-                        f"{sec * 1e3:9.2f} ms  x{rows[-1]['speedup_vs_torchvision_fp32_nchw'] or 0:6.1f}",
-                        flush=True,
-                    )
+                    env = {
+                        "torch": torch,
+                        "x": x,
+                        "g": grad32.to(dtype).contiguous(memory_format=fmt),
+                        "aux": out[1] if isinstance(out, tuple) else None,
+                        "rois": rois,
+                        "s": case.scale,
+                        "p": p,
+                        "sr": case.sampling_ratio,
+                        "n": n,
+                        "c": c,
+                        "h": h,
+                        "w": w,
+                    }
+                    del out
+                    configs.append((impl, stmt, env))
+                    labels.append((impl, layout, dtype, x))
+        secs = interleaved_seconds(configs, min_time)
+        baseline = next(
+            (
+                sec
+                for sec, (impl, layout, _, _) in zip(secs, labels, strict=True)
+                if (impl, layout) == ("torchvision", "nchw")
+            ),
+            None,
+        )
+        for sec, (impl, layout, dtype, x) in zip(secs, labels, strict=True):
+            e = x.element_size()
+            if direction == "forward":  # output (+ int32 argmax / channel_mapping), rois, footprint
+                nbytes = out_elems * (e + (4 if case.op != "roi_align" else 0))
+                nbytes += rois.nbytes + work["input_elems"] * e
+                flops = 2 * fmas if fmas else work["pool_reads"]
+            else:  # grad_input written, grad_output (+ roi_pool's argmax) and rois read
+                nbytes = n * c * h * w * e + out_elems * (e + (4 if case.op == "roi_pool" else 0))
+                nbytes += rois.nbytes
+                flops = 2 * fmas if fmas else out_elems if case.op == "roi_pool" else work["pool_reads"]
+            rows.append(
+                {
+                    "op": case.op,
+                    "case": case.name,
+                    "direction": direction,
+                    "impl": impl,
+                    "layout": layout,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "threads": threads,
+                    "ms": sec * 1e3,
+                    "speedup_vs_torchvision_fp32_nchw": baseline / sec if baseline else None,
+                    "gfma_per_s": fmas / sec / 1e9 if fmas else None,
+                    "bytes": nbytes,
+                    "flops": flops,
+                }
+            )
+            print(
+                f"  {direction:8s} {impl:11s} {layout:13s} {rows[-1]['dtype']:8s} {threads}T "
+                f"{sec * 1e3:9.2f} ms  x{rows[-1]['speedup_vs_torchvision_fp32_nchw'] or 0:6.1f}",
+                flush=True,
+            )
     return rows
 
 
@@ -351,14 +384,9 @@ def bench_nms(threads: int, min_time: float) -> list[dict]:
             stmt = "torchvision.ops.batched_nms(b, s, i, t)"
         else:
             stmt = "torch.ops.torchvision.nms(b, s, t)"
-        baseline = None
-        for impl in ("torchvision", "ours"):
-            (torchvision_cpu_ext.disable if impl == "torchvision" else torchvision_cpu_ext.enable)()
-            try:
-                sec = median_seconds(stmt, env, min_time)
-            finally:
-                torchvision_cpu_ext.enable()
-            baseline = baseline or sec
+        secs = interleaved_seconds([(impl, stmt, env) for impl in ("torchvision", "ours")], min_time)
+        baseline = secs[0]
+        for impl, sec in zip(("torchvision", "ours"), secs, strict=True):
             row = {
                 "op": "nms",
                 "case": name,
@@ -400,43 +428,46 @@ def bench_frozen_bn(threads: int, min_time: float, shapes=None) -> list[dict]:
             b.copy_(torch.rand(c) + 0.5)
         x32 = torch.randn(shape)
         name = f"frozen_batch_norm {list(shape)}"
-        baseline = None
-        for impl in ("torchvision", "ours"):
-            for layout in ("nchw", "channels_last"):
-                for dtype in (torch.float32, torch.bfloat16):
-                    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-                    x = x32.to(dtype).contiguous(memory_format=fmt)
-                    (torchvision_cpu_ext.disable if impl == "torchvision" else torchvision_cpu_ext.enable)()
-                    try:
-                        with torch.inference_mode():
-                            sec = median_seconds("m(x)", {"m": m, "x": x}, min_time)
-                    finally:
-                        torchvision_cpu_ext.enable()
-                    if impl == "torchvision" and layout == "nchw" and dtype == torch.float32:
-                        baseline = sec
-                    rows.append(
-                        {
-                            "op": "frozen_batch_norm",
-                            "case": name,
-                            "direction": "forward",
-                            "impl": impl,
-                            "layout": layout,
-                            "dtype": str(dtype).replace("torch.", ""),
-                            "threads": threads,
-                            "ms": sec * 1e3,
-                            "speedup_vs_torchvision_fp32_nchw": baseline / sec,
-                            "gfma_per_s": None,
-                            # The input read and the float32 output written, once each; a multiply
-                            # and an add per element.
-                            "bytes": x.numel() * (x.element_size() + 4),
-                            "flops": 2 * x.numel(),
-                        }
-                    )
-                    print(
-                        f"  {name:36s} {impl:11s} {layout:13s} {rows[-1]['dtype']:8s} {threads}T "
-                        f"{sec * 1e3:9.2f} ms  x{baseline / sec:6.1f}",
-                        flush=True,
-                    )
+        labels = [
+            (impl, layout, dtype)
+            for impl in ("torchvision", "ours")
+            for layout in ("nchw", "channels_last")
+            for dtype in (torch.float32, torch.bfloat16)
+        ]
+        xs = {
+            (layout, dtype): x32.to(dtype).contiguous(
+                memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            )
+            for _, layout, dtype in labels
+        }
+        configs = [(impl, "m(x)", {"m": m, "x": xs[layout, dtype]}) for impl, layout, dtype in labels]
+        secs = interleaved_seconds(configs, min_time, inference=True)
+        baseline = secs[0]  # torchvision, NCHW, float32
+        for sec, (impl, layout, dtype) in zip(secs, labels, strict=True):
+            x = xs[layout, dtype]
+            rows.append(
+                {
+                    "op": "frozen_batch_norm",
+                    "case": name,
+                    "direction": "forward",
+                    "impl": impl,
+                    "layout": layout,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "threads": threads,
+                    "ms": sec * 1e3,
+                    "speedup_vs_torchvision_fp32_nchw": baseline / sec,
+                    "gfma_per_s": None,
+                    # The input read and the float32 output written, once each; a multiply
+                    # and an add per element.
+                    "bytes": x.numel() * (x.element_size() + 4),
+                    "flops": 2 * x.numel(),
+                }
+            )
+            print(
+                f"  {name:36s} {impl:11s} {layout:13s} {rows[-1]['dtype']:8s} {threads}T "
+                f"{sec * 1e3:9.2f} ms  x{baseline / sec:6.1f}",
+                flush=True,
+            )
     return rows
 
 

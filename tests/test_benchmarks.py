@@ -29,6 +29,19 @@ def test_bench_case_runs(op):
     assert all(r["ms"] > 0 and r["speedup_vs_torchvision_fp32_nchw"] > 0 for r in rows)
 
 
+def test_interleaved_seconds_times_each_configuration_in_turn_with_its_kernels():
+    log: list[tuple[str, bool]] = []
+    env = {"log": log, "ext": bench_ops.torchvision_cpu_ext}
+    configs = [(impl, f"log.append(({impl!r}, ext.is_enabled()))", env) for impl in ("torchvision", "ours")]
+    secs = bench_ops.interleaved_seconds(configs, 0.001)
+    assert len(secs) == 2 and all(s > 0 for s in secs)
+    # torchvision's kernels (the package disabled) and ours alternate, round after round.
+    assert {e for tag, e in log if tag == "torchvision"} == {False} and {e for tag, e in log if tag == "ours"} == {True}
+    switches = sum(a[0] != b[0] for a, b in zip(log, log[1:], strict=False))
+    assert switches == 2 * bench_ops.ROUNDS - 1
+    assert bench_ops.torchvision_cpu_ext.is_enabled()
+
+
 def test_bench_nms_runs(monkeypatch):
     monkeypatch.setattr(bench_ops, "NMS_CASES", [(50, False, 0.5), (50, True, 0.7)])
     rows = bench_ops.bench_nms(1, 0.001)
