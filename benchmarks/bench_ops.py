@@ -5,10 +5,11 @@
 Every row times one op call with torch.utils.benchmark at a fixed, reported thread count;
 torchvision's kernel runs in the same process through torchvision_cpu_ext.disable(), and the
 configurations of a case (torchvision's and ours) are timed in turn, ROUNDS times each, a row
-being the median of its rounds' medians (interleaved_seconds). The speedup column is always against torchvision's fp32 NCHW
-kernel of the same case and direction. Writes JSON and a markdown table (with the machine's
-CPU, ISA, versions and measured limits) to --out. Every row also carries `bytes` and `flops`
-(the model is WORK_MODEL below), which benchmarks/report.py places on a roofline.
+being the median of its rounds' medians (interleaved_seconds). The speedup column is always
+against torchvision's fp32 NCHW kernel of the same case and direction. Writes JSON and a
+markdown table (with the machine's CPU, ISA, versions and measured limits) to --out. Every row
+also carries `bytes` and `flops` (the model is WORK_MODEL below), which benchmarks/report.py
+places on a roofline.
 """
 
 from __future__ import annotations
