@@ -83,24 +83,8 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
       const acc_t area = static_cast<acc_t>((b.h1[ph] - b.h0[ph]) * (b.w1[pw] - b.w0[pw]));
       store_strided(op + k * os_k + c0 * os_c + (ph * PW + pw) * os_p, os_c, b.empty(ph, pw) ? Vec(0) : sum / Vec(area), n);
     };
-    if (!cl) {
-      // NCHW: items (bin, image, block of V output channels). An item pools one bin of every
-      // ROI of the image from the bin's V planes (V * H * W elements, in L2), so each line of
-      // the map is fetched about once (a ROI-major order fetches ~1.4 times as many lines).
-      const auto per_image = detail::rois_per_image(B, N);
-      const int64_t items = P * N * blocks;
-      at::parallel_for(0, items, detail::grain_for((K / N + 1) * 9 * V), [&](int64_t i0, int64_t i1) {
-        map_rows.copy_share(i0, i1, items);
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t bb = i / (N * blocks), m = i / blocks % N, c0 = i % blocks * V;
-          const int64_t n = std::min(V, Cout - c0);
-          const StridedLoad<scalar_t> load(gstride, n);
-          const scalar_t* bin = ip + m * C * HW + (c0 * P + bb) * cstride;
-          for (const int64_t k : per_image[m]) {
-            pool(load, bin, k, bb / PW, bb % PW, c0, n);
-          }
-        }
-      });
+    if (!cl) {  // items (bin, image, block of V output channels)
+      detail::ps_forward_nchw(ip, detail::rois_per_image(B, N), C, HW, PH, PW, Cout, K, map_rows, pool);
       return;
     }
     // channels_last: items (ROI, block of V output channels) in spatial order, the next bin's
