@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_align_forward(
             const scalar_t* next = group + (bb + 1) * cstride;
             const int64_t x0 = s.x.begin(npw), x1 = s.x.end(npw);
             for (int64_t ky = s.y.begin(nph); ky < s.y.end(nph); ++ky) {
-              for (int64_t kx = x0; kx < x1; kx = cl || kx + 1 == x1 ? kx + 1 : x1 - 1) {
+              for (int64_t kx = x0; kx < x1; ++kx) {
                 load.prefetch(next + (s.y.idx[ky] * W + s.x.idx[kx]) * pstride);
               }
             }
