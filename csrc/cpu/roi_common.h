@@ -29,7 +29,9 @@
 #include <type_traits>
 #include <cstdint>
 #include <cstring>
+#if __has_include(<unistd.h>)
 #include <unistd.h>
+#endif
 #include <vector>
 
 namespace tvce {
@@ -550,10 +552,13 @@ void ps_backward_nchw(scalar_t* grad_in, const std::vector<std::vector<int64_t>>
   });
 }
 
-// The per-core L2 size (glibc's sysconf; 1 MiB when it does not say).
+// The per-core L2 size (glibc's sysconf; 1 MiB where it does not say).
 inline int64_t l2_bytes() {
   static const int64_t bytes = [] {
-    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    long v = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
     return v > 0 ? static_cast<int64_t>(v) : int64_t{1} << 20;
   }();
   return bytes;
