@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_align_forward(
   const at::Tensor in = input.contiguous(fmt);
   const at::Tensor r = detail::rois_as(rois, at::toOpMathType(input.scalar_type()));
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  const int64_t HW = H * W, pstride = cl ? C : 1, cstride = cl ? 1 : HW;
+  const int64_t HW = H * W, pstride = cl ? C : 1;
   // Strides of output element (k, c_out, ph * PW + pw).
   const int64_t os_k = Cout * PH * PW, os_c = cl ? 1 : PH * PW, os_p = cl ? Cout : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "ps_roi_align_forward", [&] {
@@ -74,9 +74,8 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_align_forward(
         r, N, H, W, spatial_scale, PH, PW, sampling_ratio, /*aligned=*/true, /*count_at_least_one=*/false);
     const scalar_t* ip = in.const_data_ptr<scalar_t>();
     scalar_t* op = output.data_ptr<scalar_t>();
-    constexpr int64_t V = OpVec<scalar_t>::size();
     using Vec = OpVec<scalar_t>;
-    const int64_t P = PH * PW, blocks = (Cout + V - 1) / V, gstride = P * cstride;
+    const int64_t P = PH * PW;
     // Bin (ph, pw) of ROI k for output channels c0 .. c0 + n, `bin` pointing at that bin's
     // channel for c0 at pixel (0, 0).
     const auto pool = [&](const StridedLoad<scalar_t>& load, const scalar_t* bin, int64_t k, int64_t ph, int64_t pw,
@@ -98,32 +97,18 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_align_forward(
       detail::ps_forward_nchw(ip, detail::rois_per_image(S, N), C, HW, PH, PW, Cout, K, map_rows, pool);
       return;
     }
-    // channels_last: items (ROI, block of V output channels) in spatial order, the next bin's
-    // taps prefetched.
-    const auto order = detail::spatial_order<acc_t>(r);
-    const int64_t items = K * blocks;
-    at::parallel_for(0, items, detail::grain_for(P * 9 * V), [&](int64_t i0, int64_t i1) {
-      map_rows.copy_share(i0, i1, items);
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t k = order[i / blocks], c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
-        const RoiSampling<acc_t>& s = S[k];
-        const StridedLoad<scalar_t> load(gstride, n);
-        const scalar_t* group = ip + s.batch * C * HW + c0 * gstride;
-        for (int64_t bb = 0; bb < P; ++bb) {
-          if (bb + 1 < P) {
-            const int64_t nph = (bb + 1) / PW, npw = (bb + 1) % PW;
-            const scalar_t* next = group + (bb + 1) * cstride;
-            const int64_t x0 = s.x.begin(npw), x1 = s.x.end(npw);
-            for (int64_t ky = s.y.begin(nph); ky < s.y.end(nph); ++ky) {
-              for (int64_t kx = x0; kx < x1; ++kx) {
-                load.prefetch(next + (s.y.idx[ky] * W + s.x.idx[kx]) * pstride);
-              }
+    // channels_last: items (ROI, block of V output channels), the next bin's taps prefetched.
+    detail::ps_forward_channels_last(
+        ip, detail::spatial_order<acc_t>(r), C, HW, PH, PW, Cout, map_rows, [&](int64_t k) { return S[k].batch; },
+        [&](const StridedLoad<scalar_t>& load, const scalar_t* bin, int64_t k, int64_t ph, int64_t pw) {
+          const RoiSampling<acc_t>& s = S[k];
+          for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
+            for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
+              load.prefetch(bin + (s.y.idx[ky] * W + s.x.idx[kx]) * pstride);
             }
           }
-          pool(load, group + bb * cstride, k, bb / PW, bb % PW, c0, n);
-        }
-      }
-    });
+        },
+        pool);
   });
   return {output, mapping};
 }

@@ -59,14 +59,12 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
   const at::Tensor r = detail::rois_as(rois, at::toOpMathType(input.scalar_type()));
   const auto B = ps_bins(r, N, H, W, spatial_scale, PH, PW);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  const int64_t HW = H * W, pstride = cl ? C : 1, cstride = cl ? 1 : HW;
+  const int64_t HW = H * W, pstride = cl ? C : 1;
   const int64_t os_k = Cout * PH * PW, os_c = cl ? 1 : PH * PW, os_p = cl ? Cout : 1;
   const detail::PsMappingRows map_rows(mapping, Cout, PH * PW, os_c, os_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "ps_roi_pool_forward", [&] {
     using acc_t = opmath_t<scalar_t>;
     using Vec = OpVec<scalar_t>;
-    constexpr int64_t V = Vec::size();
-    const int64_t P = PH * PW, blocks = (Cout + V - 1) / V, gstride = P * cstride;
     const scalar_t* ip = in.const_data_ptr<scalar_t>();
     scalar_t* op = output.data_ptr<scalar_t>();
     // Bin (ph, pw) of ROI k for output channels c0 .. c0 + n, `bin` pointing at that bin's
@@ -87,31 +85,18 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
       detail::ps_forward_nchw(ip, detail::rois_per_image(B, N), C, HW, PH, PW, Cout, K, map_rows, pool);
       return;
     }
-    // channels_last: items (ROI, block of V output channels) in spatial order, the next bin's
-    // pixels prefetched (each pixel's V channels are V lines: a bin-major order measured
-    // slower here).
-    const auto order = detail::spatial_order<acc_t>(r);
-    const int64_t items = K * blocks;
-    at::parallel_for(0, items, detail::grain_for(P * 9 * V), [&](int64_t i0, int64_t i1) {
-      map_rows.copy_share(i0, i1, items);
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t k = order[i / blocks], c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
-        const PoolBins& b = B[k];
-        const StridedLoad<scalar_t> load(gstride, n);
-        const scalar_t* group = ip + b.batch * C * HW + c0 * gstride;
-        for (int64_t bb = 0; bb < P; ++bb) {
-          if (bb + 1 < P) {
-            const int64_t nph = (bb + 1) / PW, npw = (bb + 1) % PW;
-            for (int64_t h = b.h0[nph]; h < b.h1[nph]; ++h) {
-              for (int64_t w = b.w0[npw]; w < b.w1[npw]; ++w) {
-                load.prefetch(group + (bb + 1) * cstride + (h * W + w) * pstride);
-              }
+    // channels_last: items (ROI, block of V output channels), the next bin's pixels prefetched.
+    detail::ps_forward_channels_last(
+        ip, detail::spatial_order<acc_t>(r), C, HW, PH, PW, Cout, map_rows, [&](int64_t k) { return B[k].batch; },
+        [&](const StridedLoad<scalar_t>& load, const scalar_t* bin, int64_t k, int64_t ph, int64_t pw) {
+          const PoolBins& b = B[k];
+          for (int64_t h = b.h0[ph]; h < b.h1[ph]; ++h) {
+            for (int64_t w = b.w0[pw]; w < b.w1[pw]; ++w) {
+              load.prefetch(bin + (h * W + w) * pstride);
             }
           }
-          pool(load, group + bb * cstride, k, bb / PW, bb % PW, c0, n);
-        }
-      }
-    });
+        },
+        pool);
   });
   return {output, mapping};
 }

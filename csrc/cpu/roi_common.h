@@ -674,6 +674,35 @@ void ps_forward_nchw(const scalar_t* input, const std::vector<std::vector<int64_
   });
 }
 
+// channels_last forward of the position-sensitive ops: items (ROI, block of V output channels)
+// in `order` (spatial_order), ROI k's bins one after another with the next bin's input asked
+// for ahead (each pixel's V channels are V lines of their own; a bin-major order measured
+// slower here). Calls prefetch(load, bin, k, ph, pw) for the next bin and pool(load, bin, k,
+// ph, pw, c0, n) as ps_forward_nchw does, `bin` at pixel (0, 0) of the bin's channel for c0 in
+// image batch(k); copies channel_mapping's rows on the same threads.
+template <typename scalar_t, typename Batch, typename Prefetch, typename Pool>
+void ps_forward_channels_last(const scalar_t* input, const std::vector<int64_t>& order, int64_t C, int64_t HW,
+                              int64_t PH, int64_t PW, int64_t Cout, const PsMappingRows& map_rows,
+                              const Batch& batch, const Prefetch& prefetch, const Pool& pool) {
+  constexpr int64_t V = OpVec<scalar_t>::size();
+  const int64_t P = PH * PW, blocks = (Cout + V - 1) / V;
+  const int64_t items = static_cast<int64_t>(order.size()) * blocks;
+  at::parallel_for(0, items, grain_for(P * 9 * V), [&](int64_t i0, int64_t i1) {
+    map_rows.copy_share(i0, i1, items);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t k = order[i / blocks], c0 = (i % blocks) * V, n = std::min(V, Cout - c0);
+      const StridedLoad<scalar_t> load(P, n);
+      const scalar_t* group = input + batch(k) * C * HW + c0 * P;
+      for (int64_t bb = 0; bb < P; ++bb) {
+        if (bb + 1 < P) {
+          prefetch(load, group + bb + 1, k, (bb + 1) / PW, (bb + 1) % PW);
+        }
+        pool(load, group + bb, k, bb / PW, bb % PW, c0, n);
+      }
+    }
+  });
+}
+
 // The checks both position-sensitive backwards make; returns the output channel count.
 inline int64_t check_ps_backward(
     const char* op, const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& channel_mapping, int64_t PH,
