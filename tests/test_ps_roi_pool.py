@@ -77,6 +77,38 @@ def test_more_output_channels_than_a_vector(dtype, layout, threads):
         torch.testing.assert_close(ours, tv_grad, **TOL[dtype])
 
 
+@pytest.mark.parametrize("n_images", [1, 3])
+@pytest.mark.parametrize("c_out", [2, 19])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channels_last_sweep_equals_nchw(dtype, c_out, n_images, threads):
+    """channels_last sweeps each image's rows once per block of output channels (narrower
+    blocks when there are fewer images than threads), NCHW pools bin by bin: the same sums in
+    the same order, so equal bit for bit; one image has no ROI, boxes cross every row."""
+    x, rois = large_map_case(c_out * POOLED[0] * POOLED[1], K=25, n=n_images, h=37, w=29)
+    rois[:, 0] = rois[:, 0].clamp(max=max(n_images - 2, 0))  # the last of 3 images gets none
+    rois = torch.cat([rois, make_rois(K=6, dtype=torch.float32)[-8:]])  # degenerate, outside, inverted
+    rois[:, 0] = rois[:, 0].clamp(max=n_images - 1)
+    x = x.to(dtype)
+    if dtype == torch.float64:
+        rois = rois.double()
+    nchw, mapping = OP(x, rois, SCALE, *POOLED)
+    cl, cl_mapping = OP(x.contiguous(memory_format=torch.channels_last), rois, SCALE, *POOLED)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(nchw, cl) and torch.equal(mapping, cl_mapping)
+    torch.testing.assert_close(cl.double(), ref_ps_roi_pool(x, rois, SCALE, *POOLED), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channels_last_sweep_in_groups_of_rois(dtype, threads):
+    """Thousands of boxes on one image: the channels_last sweep takes them in groups (its
+    running sums bounded to 4 MiB, ~1300 boxes at 7x7 in float), still equal to NCHW."""
+    x, rois = large_map_case(2 * 49, K=3000, n=1, h=23, w=31)
+    x = x.to(dtype)
+    nchw, _ = OP(x, rois, SCALE, 7, 7)
+    cl, _ = OP(x.contiguous(memory_format=torch.channels_last), rois, SCALE, 7, 7)
+    assert torch.equal(nchw, cl) and (cl != 0).float().mean() > 0.5
+
+
 def interior_rois(dtype: torch.dtype) -> torch.Tensor:
     """Boxes whose bins stay off the last row and column of the map, where torchvision's
     backward disagrees with its own forward (NOTE [ ps_roi_pool backward ])."""
