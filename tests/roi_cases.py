@@ -77,3 +77,20 @@ def large_map_case(
     wh = torch.rand(K, 2, generator=g) * img * 0.7
     b = torch.randint(0, n, (K, 1), generator=g).float()
     return x, torch.cat([b, xy, xy + wh], 1)
+
+
+def inf_border_case(channels: int, dtype: torch.dtype, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A map whose first row and first column are inf, and boxes that never sample them: no
+    output may be non-finite (a kernel that reads pixels outside a bin, even with zero weight,
+    gets 0 * inf = NaN there)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(N, channels, H, W, generator=g).to(dtype)
+    x[:, :, 0, :] = float("inf")
+    x[:, :, :, 0] = float("inf")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    # In image coordinates (SCALE 0.5): every sample point and tap lies in rows and columns >= 2.
+    rois = torch.tensor(
+        [[0, 5.3, 6.1, 20.2, 17.7], [1, 8.0, 8.0, 12.5, 19.0], [0, 7.0, 5.5, 7.5, 6.0], [1, 14.0, 9.0, 24.0, 21.0]],
+        dtype=dtype if dtype == torch.float64 else torch.float32,
+    )
+    return x.contiguous(memory_format=fmt), rois

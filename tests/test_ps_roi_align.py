@@ -18,6 +18,7 @@ from roi_cases import (
     N,
     W,
     expected_format,
+    inf_border_case,
     large_map_case,
     make_input,
     make_rois,
@@ -175,6 +176,22 @@ def test_non_finite_boxes_give_zeros():
     rois = torch.tensor([[0, nan, 1, 3, 3], [1, 1, 1, inf, 3]])
     for sr in (2, 0):
         assert OP(x, rois, SCALE, *POOLED, sr)[0].eq(0).all()
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pixels_outside_the_bins_are_not_read(dtype, layout, sampling_ratio, threads):
+    """inf in the first row and column, boxes away from them: outputs finite and as the
+    reference; an inf gradient reaches only pixels the boxes sample, never that row/column."""
+    x, rois = inf_border_case(C_IN, dtype, layout)
+    x.requires_grad_()
+    out = ps_roi_align(x, rois, POOLED, SCALE, sampling_ratio)
+    assert out.isfinite().all()
+    ref = ref_ps_roi_align(x.detach(), rois, SCALE, *POOLED, sampling_ratio)
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    out.backward(torch.full_like(out, float("inf")))
+    assert (x.grad[:, :, 0, :] == 0).all() and (x.grad[:, :, :, 0] == 0).all()
 
 
 def test_empty_and_bad_inputs():

@@ -9,7 +9,21 @@ import torch
 import torchvision
 from conftest import NATIVE
 from reference import roi_align as ref_roi_align
-from roi_cases import DTYPES, LAYOUTS, POOLED, SCALE, TOL, C, H, N, W, expected_format, make_input, make_rois
+from roi_cases import (
+    DTYPES,
+    LAYOUTS,
+    POOLED,
+    SCALE,
+    TOL,
+    C,
+    H,
+    N,
+    W,
+    expected_format,
+    inf_border_case,
+    make_input,
+    make_rois,
+)
 from torchvision.ops import roi_align
 
 import torchvision_cpu_ext
@@ -148,6 +162,22 @@ def test_non_finite_boxes_give_zeros(layout, sampling_ratio):
     assert out[4].abs().sum() > 0
     out[:4].sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pixels_outside_the_bins_are_not_read(dtype, layout, sampling_ratio, threads):
+    """inf in the first row and column, boxes away from them: outputs finite and as the
+    reference; an inf gradient reaches only pixels the boxes sample, never that row/column."""
+    x, rois = inf_border_case(C, dtype, layout)
+    x.requires_grad_()
+    out = roi_align(x, rois, POOLED, SCALE, sampling_ratio, True)
+    assert out.isfinite().all()
+    ref = ref_roi_align(x.detach().double(), rois, SCALE, *POOLED, sampling_ratio, True)
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    out.backward(torch.full_like(out, float("inf")))
+    assert (x.grad[:, :, 0, :] == 0).all() and (x.grad[:, :, :, 0] == 0).all()
 
 
 def test_large_adaptive_box_matches_reference():

@@ -37,18 +37,18 @@
 namespace tvce {
 namespace detail {
 
-// Taps of `bins` bins along one axis. Every bin has the same number n of taps (the most any
-// bin of this ROI needs, padding with zero-weight taps on pixel 0) so that the kernels' inner
-// loops have one trip count per ROI, which the branch predictor learns; bin i uses taps
-// [i * n, (i + 1) * n).
+// Taps of `bins` bins along one axis: bin i uses taps [i * n, i * n + used[i]), n being the
+// most any bin of this ROI needs. Only a bin's own taps are visited: a padding tap of zero
+// weight would still read its pixel, and 0 * inf (an overflowed half map, say) is NaN in a bin
+// that torchvision computes without that pixel.
 template <typename acc_t>
 struct AxisTaps {
   int64_t n = 0;
-  std::vector<int64_t> idx;
+  std::vector<int64_t> idx, used;
   std::vector<acc_t> w;
 
   int64_t begin(int64_t bin) const { return bin * n; }
-  int64_t end(int64_t bin) const { return (bin + 1) * n; }
+  int64_t end(int64_t bin) const { return bin * n + used[bin]; }
 };
 
 // Fills the merged taps of one axis, following torchvision's
@@ -120,7 +120,9 @@ void build_axis_taps(
   t.n = most;
   t.idx.assign(bins * most, 0);
   t.w.assign(bins * most, acc_t(0));
+  t.used.resize(bins);
   for (int64_t p = 0; p < bins; ++p) {
+    t.used[p] = off[p + 1] - off[p];
     std::copy(idx.begin() + off[p], idx.begin() + off[p + 1], t.idx.begin() + p * most);
     std::copy(w.begin() + off[p], w.begin() + off[p + 1], t.w.begin() + p * most);
   }
