@@ -194,6 +194,28 @@ def test_pixels_outside_the_bins_are_not_read(dtype, layout, sampling_ratio, thr
     assert (x.grad[:, :, 0, :] == 0).all() and (x.grad[:, :, :, 0] == 0).all()
 
 
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.parametrize("n_images", [1, 3])
+@pytest.mark.parametrize("c_out", [2, 19])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layouts_agree_bit_for_bit(dtype, c_out, n_images, sampling_ratio, threads):
+    """channels_last items are (ROI, block), NCHW items (bin, image, block): the same taps summed
+    in the same order, so equal bit for bit; inverted, degenerate and outside boxes included,
+    one image without boxes."""
+    x, rois = large_map_case(c_out * POOLED[0] * POOLED[1], K=25, n=n_images, h=37, w=29)
+    rois[:, 0] = rois[:, 0].clamp(max=max(n_images - 2, 0))  # the last of 3 images gets none
+    rois = torch.cat([rois, make_rois(K=6)[-8:]])
+    rois[:, 0] = rois[:, 0].clamp(max=n_images - 1)
+    x, rois = x.to(dtype), rois.double() if dtype == torch.float64 else rois
+    nchw, _ = OP(x, rois, SCALE, *POOLED, sampling_ratio)
+    cl, _ = OP(x.contiguous(memory_format=torch.channels_last), rois, SCALE, *POOLED, sampling_ratio)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    # Bit for bit; the degenerate boxes' adaptive grid is empty and divides by zero (NaN).
+    torch.testing.assert_close(nchw, cl, rtol=0, atol=0, equal_nan=True)
+    ref = ref_ps_roi_align(x, rois, SCALE, *POOLED, sampling_ratio)
+    torch.testing.assert_close(cl.double(), ref, **TOL[dtype], equal_nan=True)
+
+
 def test_empty_and_bad_inputs():
     x = make_input(torch.float32, "nchw", True, channels=C_IN)
     out, mapping = OP(x, torch.zeros(0, 5), SCALE, *POOLED, 2)

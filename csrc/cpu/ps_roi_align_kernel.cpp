@@ -19,6 +19,10 @@
 //   bin-major NCHW items 1.64 ms against 2.03 ms for ROI-major in one process (1 thread:
 //   3.12 vs 3.13 ms). Per plane (scalar, one plane at a time for all ROIs) measured slower
 //   than either.
+//   NOTE [ ps_roi_align channels_last ]: ps_roi_pool's channels_last sweep of each image's
+//   rows (NOTE [ ps_roi_pool channels_last forward ]), tried here with one running sum per y
+//   tap combined in tap order, measured slower: 1.7-3.0 against 1.6-2.3 ms at 2 threads, 6-11
+//   against 3.0-3.8 ms at 1 (alternating processes), so ROI-major items stay.
 // - Backward, NCHW (detail::ps_backward_nchw): a thread owns (bin b, block of V output
 //   channels), hence the input channels c_out * PH * PW + b they feed, whose planes it zeroes
 //   and fills while in cache (detail::NchwPlanes) from each image's ROIs in order.

@@ -676,12 +676,13 @@ void ps_forward_nchw(const scalar_t* input, const std::vector<std::vector<int64_
   });
 }
 
-// channels_last forward of the position-sensitive ops: items (ROI, block of V output channels)
-// in `order` (spatial_order), ROI k's bins one after another with the next bin's input asked
-// for ahead (each pixel's V channels are V lines of their own; a bin-major order measured
-// slower here). Calls prefetch(load, bin, k, ph, pw) for the next bin and pool(load, bin, k,
-// ph, pw, c0, n) as ps_forward_nchw does, `bin` at pixel (0, 0) of the bin's channel for c0 in
-// image batch(k); copies channel_mapping's rows on the same threads.
+// channels_last forward of ps_roi_align: items (ROI, block of V output channels) in `order`
+// (spatial_order), ROI k's bins one after another with the next bin's input asked for ahead
+// (each pixel's V channels are V lines of their own; a bin-major order and ps_roi_pool's sweep
+// of the rows measured slower, NOTE [ ps_roi_align channels_last ]). Calls prefetch(load, bin,
+// k, ph, pw) for the next bin and pool(load, bin, k, ph, pw, c0, n) as ps_forward_nchw does,
+// `bin` at pixel (0, 0) of the bin's channel for c0 in image batch(k); copies
+// channel_mapping's rows on the same threads.
 template <typename scalar_t, typename Batch, typename Prefetch, typename Pool>
 void ps_forward_channels_last(const scalar_t* input, const std::vector<int64_t>& order, int64_t C, int64_t HW,
                               int64_t PH, int64_t PW, int64_t Cout, const PsMappingRows& map_rows,
