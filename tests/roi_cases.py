@@ -94,3 +94,13 @@ def inf_border_case(channels: int, dtype: torch.dtype, layout: str) -> tuple[tor
         dtype=dtype if dtype == torch.float64 else torch.float32,
     )
     return x.contiguous(memory_format=fmt), rois
+
+
+def ps_layout_case(c_out: int, n_images: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [n_images, c_out * 3 * 4, 37, 29] map (for POOLED) with boxes over all of it plus the
+    degenerate, inverted and outside ones of make_rois; with 3 images the last gets no box."""
+    x, rois = large_map_case(c_out * POOLED[0] * POOLED[1], K=25, n=n_images, h=37, w=29)
+    rois[:, 0] = rois[:, 0].clamp(max=max(n_images - 2, 0))
+    rois = torch.cat([rois, make_rois(K=6)[-8:]])
+    rois[:, 0] = rois[:, 0].clamp(max=n_images - 1)
+    return x.to(dtype), rois.double() if dtype == torch.float64 else rois

@@ -22,6 +22,7 @@ from roi_cases import (
     large_map_case,
     make_input,
     make_rois,
+    ps_layout_case,
 )
 from torchvision.ops import ps_roi_align
 
@@ -202,11 +203,7 @@ def test_layouts_agree_bit_for_bit(dtype, c_out, n_images, sampling_ratio, threa
     """channels_last items are (ROI, block), NCHW items (bin, image, block): the same taps summed
     in the same order, so equal bit for bit; inverted, degenerate and outside boxes included,
     one image without boxes."""
-    x, rois = large_map_case(c_out * POOLED[0] * POOLED[1], K=25, n=n_images, h=37, w=29)
-    rois[:, 0] = rois[:, 0].clamp(max=max(n_images - 2, 0))  # the last of 3 images gets none
-    rois = torch.cat([rois, make_rois(K=6)[-8:]])
-    rois[:, 0] = rois[:, 0].clamp(max=n_images - 1)
-    x, rois = x.to(dtype), rois.double() if dtype == torch.float64 else rois
+    x, rois = ps_layout_case(c_out, n_images, dtype)
     nchw, _ = OP(x, rois, SCALE, *POOLED, sampling_ratio)
     cl, _ = OP(x.contiguous(memory_format=torch.channels_last), rois, SCALE, *POOLED, sampling_ratio)
     assert cl.is_contiguous(memory_format=torch.channels_last)

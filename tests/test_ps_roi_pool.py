@@ -21,6 +21,7 @@ from roi_cases import (
     large_map_case,
     make_input,
     make_rois,
+    ps_layout_case,
 )
 from torchvision.ops import ps_roi_pool
 
@@ -84,13 +85,7 @@ def test_channels_last_sweep_equals_nchw(dtype, c_out, n_images, threads):
     """channels_last sweeps each image's rows once per block of output channels (narrower
     blocks when there are fewer images than threads), NCHW pools bin by bin: the same sums in
     the same order, so equal bit for bit; one image has no ROI, boxes cross every row."""
-    x, rois = large_map_case(c_out * POOLED[0] * POOLED[1], K=25, n=n_images, h=37, w=29)
-    rois[:, 0] = rois[:, 0].clamp(max=max(n_images - 2, 0))  # the last of 3 images gets none
-    rois = torch.cat([rois, make_rois(K=6, dtype=torch.float32)[-8:]])  # degenerate, outside, inverted
-    rois[:, 0] = rois[:, 0].clamp(max=n_images - 1)
-    x = x.to(dtype)
-    if dtype == torch.float64:
-        rois = rois.double()
+    x, rois = ps_layout_case(c_out, n_images, dtype)
     nchw, mapping = OP(x, rois, SCALE, *POOLED)
     cl, cl_mapping = OP(x.contiguous(memory_format=torch.channels_last), rois, SCALE, *POOLED)
     assert cl.is_contiguous(memory_format=torch.channels_last)
