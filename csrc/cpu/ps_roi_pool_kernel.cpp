@@ -6,18 +6,19 @@
 // channels), every ROI of the image pooled from the bin's V planes while they are in L2 (R-FCN
 // case, 2 threads, interleaved in one process: 1.26 ms against 1.58 ms for ROI-major items,
 // which fetch ~1.4 times as many lines; 1 thread 2.49 vs 2.66 ms).
-// NOTE [ ps_roi_pool channels_last forward ]: items are (image, block of output channels), and
-// an item sweeps its image's rows top to bottom once: at row h every ROI whose rows include h
-// adds the row's part of each of its bins to a running sum (per ROI, bin and lane), and a bin is
-// divided and written after its last row. A bin's sum thus still runs in torchvision's order
-// (rows, then columns), and the rows of the map are read in address order, each while the
-// previous ones are still in L2 for the overlapping boxes. ROI-major items (ROIs in spatial
-// order, the next bin's pixels prefetched) read the same pixels in box order: a pixel's V
-// channels are V lines of their own, mostly fetched from L3 one box at a time. R-FCN case, fp32,
-// same machine and session: 2.3-2.8 ms ROI-major, 1.45-1.85 ms swept at 2 threads (1 thread
-// 3.7 -> 2.8-3.1 ms); a software prefetch of the next row (1.8-2.6 ms), columns sorted by
-// start within a row (2.0-2.9 ms), and pixel-major order within a row (2.5-4.4 ms) were slower.
-// With fewer images than threads the blocks are narrower, so that every thread has an item.
+// NOTE [ ps_roi_pool channels_last forward ]: items are (group of one image's ROIs, block of
+// output channels), and an item sweeps its image's rows top to bottom once: at row h every ROI
+// whose rows include h adds the row's part of each of its bins to a running sum (per ROI, bin
+// and lane), and a bin is divided and written after its last row. A bin's sum thus still runs
+// in torchvision's order (rows, then columns), while the map is read row after row in address
+// order, each row in L2 for all the boxes overlapping it. ROI-major items (ROIs in spatial
+// order, the next bin's pixels prefetched) read the same pixels box after box: a pixel's V
+// channels are V lines of their own, mostly fetched from L3 one box at a time. R-FCN case,
+// fp32, alternating processes: ROI-major 2.39-2.85 ms, swept 1.84-2.24 ms at 2 threads (1
+// thread 4.81-4.92 against 2.83-3.07 ms). Slower inside the sweep: a software prefetch of the
+// next row (1.8-2.6 ms against 1.45-1.85 in that series), a row's bins sorted by first column
+// (2.0-2.9), pixel-major order within a row (2.5-4.4). Groups keep a thread's sums within 4 MiB;
+// with fewer groups than threads the channel blocks are narrower, so every thread has an item.
 // Geometry is torchvision's integer bins (roi_common.h, PoolBins) with ps_roi_pool's rules:
 // box extent end - start (at least 1) and bins clipped to [0, H - 1] x [0, W - 1], so the last
 // row and column of the map are never pooled. The bin sum runs in torchvision's order and
@@ -112,16 +113,16 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
       detail::ps_forward_nchw(ip, detail::rois_per_image(B, N), C, HW, PH, PW, Cout, K, map_rows, pool);
       return;
     }
-    // channels_last: items (image, block of output channels), rows swept top to bottom
-    // (NOTE [ ps_roi_pool channels_last forward ]).
+    // channels_last: rows swept top to bottom (NOTE [ ps_roi_pool channels_last forward ]).
     // Each image's ROIs in groups whose running sums fit in 4 MiB (one group for the usual few
     // hundred ROIs), so that a thread's scratch is bounded whatever the number of boxes.
     const int64_t group_size = std::max<int64_t>(1, (int64_t{4} << 20) / (P * V * static_cast<int64_t>(sizeof(acc_t))));
     std::vector<std::pair<int64_t, std::vector<int64_t>>> groups;  // (image, ROIs)
     for (const auto& ks : detail::rois_per_image(B, N)) {
-      for (size_t j = 0; j < ks.size(); j += group_size) {
-        const auto end = ks.begin() + std::min(ks.size(), j + group_size);
-        groups.emplace_back(B[ks[j]].batch, std::vector<int64_t>(ks.begin() + j, end));
+      const int64_t R = static_cast<int64_t>(ks.size());
+      for (int64_t j = 0; j < R; j += group_size) {
+        const auto first = ks.begin() + j, last = ks.begin() + std::min(R, j + group_size);
+        groups.emplace_back(B[ks[j]].batch, std::vector<int64_t>(first, last));
       }
     }
     const auto split = group_channel_items(static_cast<int64_t>(groups.size()), Cout, V);
