@@ -57,8 +57,7 @@ std::vector<PoolBins> ps_bins(const at::Tensor& r, int64_t N, int64_t H, int64_t
 // (NOTE [ ps_roi_pool channels_last forward ]): blocks of at most V channels, narrower when
 // there are fewer groups than threads so that every thread gets an item. Returns {items,
 // channels per block}.
-std::pair<int64_t, int64_t> group_channel_items(int64_t groups, int64_t Cout, int64_t V) {
-  const int64_t threads = at::get_num_threads();
+std::pair<int64_t, int64_t> group_channel_items(int64_t groups, int64_t Cout, int64_t V, int64_t threads) {
   const int64_t blocks = std::clamp<int64_t>(std::max((Cout + V - 1) / V, (threads + groups - 1) / groups), 1, Cout);
   const int64_t width = (Cout + blocks - 1) / blocks;
   return {groups * ((Cout + width - 1) / width), width};
@@ -125,9 +124,15 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
         groups.emplace_back(B[ks[j]].batch, std::vector<int64_t>(first, last));
       }
     }
-    const auto split = group_channel_items(static_cast<int64_t>(groups.size()), Cout, V);
+    // A call that reads few pixels stays on one thread (its items are few and large).
+    int64_t work = 0;
+    for (const PoolBins& b : B) {
+      work += (b.h1[PH - 1] - b.h0[0]) * (b.w1[PW - 1] - b.w0[0]) * Cout;
+    }
+    const int64_t threads = work < at::internal::GRAIN_SIZE ? 1 : at::get_num_threads();
+    const auto split = group_channel_items(static_cast<int64_t>(groups.size()), Cout, V, threads);
     const int64_t items = split.first, width = split.second, blocks = items / static_cast<int64_t>(groups.size());
-    at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, items, threads == 1 ? items : 1, [&](int64_t i0, int64_t i1) {
       map_rows.copy_share(i0, i1, items);
       std::vector<acc_t> acc;  // running bin sums: [ROI of the group][bin][V]
       std::vector<int64_t> order, active;
