@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
   const at::Tensor r = detail::rois_as(rois, at::toOpMathType(input.scalar_type()));
   const auto B = ps_bins(r, N, H, W, spatial_scale, PH, PW);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  const int64_t HW = H * W, pstride = cl ? C : 1;
+  const int64_t HW = H * W;
   const int64_t os_k = Cout * PH * PW, os_c = cl ? 1 : PH * PW, os_p = cl ? Cout : 1;
   const detail::PsMappingRows map_rows(mapping, Cout, PH * PW, os_c, os_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "ps_roi_pool_forward", [&] {
@@ -94,19 +94,26 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
     const int64_t P = PH * PW;
     const scalar_t* ip = in.const_data_ptr<scalar_t>();
     scalar_t* op = output.data_ptr<scalar_t>();
-    // Bin (ph, pw) of ROI k for output channels c0 .. c0 + n, `bin` pointing at that bin's
-    // channel for c0 at pixel (0, 0). Summed in torchvision's order: rows, then columns.
+    // Writes bin bb = ph * PW + pw of ROI k, output channels c0 .. c0 + n: the mean of its
+    // pixels from their sum, 0 for an empty bin.
+    const auto store_bin = [&](int64_t k, int64_t bb, int64_t c0, int64_t n, const Vec& sum) {
+      const PoolBins& b = B[k];
+      const int64_t ph = bb / PW, pw = bb % PW;
+      store_strided(op + k * os_k + c0 * os_c + bb * os_p, os_c,
+                    b.empty(ph, pw) ? Vec(0) : sum / Vec(static_cast<acc_t>(b.area(ph, pw))), n);
+    };
+    // NCHW: bin (ph, pw) of ROI k, `bin` pointing at that bin's channel for c0 at pixel (0, 0).
+    // Summed in torchvision's order: rows, then columns.
     const auto pool = [&](const StridedLoad<scalar_t>& load, const scalar_t* bin, int64_t k, int64_t ph, int64_t pw,
                           int64_t c0, int64_t n) {
       const PoolBins& b = B[k];
       Vec sum(0);
       for (int64_t h = b.h0[ph]; h < b.h1[ph]; ++h) {
         for (int64_t w = b.w0[pw]; w < b.w1[pw]; ++w) {
-          sum = sum + load(bin + (h * W + w) * pstride);
+          sum = sum + load(bin + h * W + w);
         }
       }
-      const acc_t area = static_cast<acc_t>((b.h1[ph] - b.h0[ph]) * (b.w1[pw] - b.w0[pw]));
-      store_strided(op + k * os_k + c0 * os_c + (ph * PW + pw) * os_p, os_c, b.empty(ph, pw) ? Vec(0) : sum / Vec(area), n);
+      store_bin(k, ph * PW + pw, c0, n, sum);
     };
     if (!cl) {  // items (bin, image, block of V output channels)
       detail::ps_forward_nchw(ip, detail::rois_per_image(B, N), C, HW, PH, PW, Cout, K, map_rows, pool);
@@ -146,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
         for (const int64_t k : ks) {  // empty bins are never visited by the sweep
           for (int64_t bb = 0; bb < P; ++bb) {
             if (B[k].empty(bb / PW, bb % PW)) {
-              store_strided(op + k * os_k + c0 * os_c + bb * os_p, os_c, Vec(0), n);
+              store_bin(k, bb, c0, n, Vec(0));
             }
           }
         }
@@ -182,8 +189,7 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
                 if (h + 1 < b.h1[ph]) {
                   sum.store(slot);
                 } else {  // the bin's last row
-                  const acc_t area = static_cast<acc_t>((b.h1[ph] - b.h0[ph]) * (b.w1[pw] - b.w0[pw]));
-                  store_strided(op + k * os_k + c0 * os_c + bb * os_p, os_c, sum / Vec(area), n);
+                  store_bin(k, bb, c0, n, sum);
                 }
               }
             }
@@ -237,7 +243,7 @@ at::Tensor ps_roi_pool_backward(
     const auto scatter_rows = [&](int64_t k, int64_t ph, int64_t pw, int64_t c0, int64_t n, int64_t h0, int64_t h1,
                                   acc_t* dst, int64_t ls, int64_t ps) {
       const PoolBins& b = B[k];
-      const acc_t area = static_cast<acc_t>((b.h1[ph] - b.h0[ph]) * (b.w1[pw] - b.w0[pw]));
+      const acc_t area = static_cast<acc_t>(b.area(ph, pw));
       acc_t d[V];
       (load_strided<scalar_t>(gp + k * os_k + c0 * os_c + (ph * PW + pw) * os_p, os_c, n) / Vec(area)).store(d);
       for (int64_t h = h0; h < h1; ++h) {

@@ -249,6 +249,7 @@ struct PoolBins {
   int64_t batch = 0;
   Axis h0, h1, w0, w1;
   bool empty(int64_t ph, int64_t pw) const { return h1[ph] <= h0[ph] || w1[pw] <= w0[pw]; }
+  int64_t area(int64_t ph, int64_t pw) const { return (h1[ph] - h0[ph]) * (w1[pw] - w0[pw]); }
 };
 
 template <typename acc_t>
