@@ -124,17 +124,19 @@ def roi_pool(input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, ph: 
         b, rows, cols = _pool_bins(rois[k].tolist(), spatial_scale, ph, pw, 1, H, W, T)
         for i, (h0, h1) in enumerate(rows):
             for j, (w0, w1) in enumerate(cols):
-                empty = h1 <= h0 or w1 <= w0
-                m = torch.full((C,), 0.0 if empty else -flt_max, dtype=torch.float64)
-                a = torch.full((C,), -1, dtype=torch.int32)
-                for h in range(h0, h1):
-                    for w in range(w0, w1):
-                        v = x[b, :, h, w]
-                        gt = v > m
-                        m = torch.where(gt, v, m)
-                        a = torch.where(gt, torch.tensor(h * W + w, dtype=torch.int32), a)
-                out[k, :, i, j] = m
-                arg[k, :, i, j] = a
+                if h1 <= h0 or w1 <= w0:
+                    continue  # empty bin: 0 and -1
+                # torchvision scans rows, then columns, and keeps a value only if it is greater
+                # than the running maximum (which starts at -FLT_MAX): so NaN and values <=
+                # -FLT_MAX are never taken, and of equal maxima the first in scan order wins.
+                v = x[b, :, h0:h1, w0:w1].reshape(C, -1)
+                pos = (torch.arange(h0, h1)[:, None] * W + torch.arange(w0, w1)[None, :]).reshape(-1)
+                taken = v > -flt_max
+                m = torch.where(taken, v, -math.inf).amax(1)
+                first = torch.where(taken & (v == m[:, None]), torch.arange(v.shape[1]), v.shape[1]).amin(1)
+                found = first < v.shape[1]
+                out[k, :, i, j] = torch.where(found, m, -flt_max)
+                arg[k, :, i, j] = torch.where(found, pos[first.clamp(max=v.shape[1] - 1)], -1).int()
     return out, arg
 
 
