@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import platform
@@ -118,6 +119,12 @@ flops:
   of each bin, as its forward.
 - nms: 10 x the IoU pairs greedy NMS compares (each kept box against every later box not yet
   suppressed when it is reached; per class for batched_nms); the sort is not counted.
+line-read floor (--line-floor, RoI forwards): the time to read one byte of each 64-byte line of
+the input (in the row's layout and dtype) that holds an element the forward reads, lines in
+ascending address order, one contiguous run per thread, timed in turn with the row. It is what
+fetching the footprint costs with nothing else to do and the best order for the hardware's
+prefetchers: a practical floor for the memory-bound forwards, not a proven bound. "tv fp32 NCHW /
+floor" is the speedup over torchvision that a kernel running at the floor would show in that run.
 roofs: the copy bandwidth (bytes read + written by a 256 MiB copy) and MKL sgemm GFLOP/s,
 measured by the same command at 1 and 2 threads. bf16 rows are measured against the fp32 peak,
 and the pool ops' and nms' "flops" are comparisons, not FMAs.
@@ -158,9 +165,10 @@ def _align_taps(lo: torch.Tensor, length: torch.Tensor, p: int, sr: int, n: int)
     return taps[..., :n]
 
 
-def work_model(case: Case, rois: torch.Tensor) -> dict[str, int]:
-    """The input elements the forward of `case` reads at least once (`input_elems`) and, for the
-    pool ops, the pixel reads summed over all output elements (`pool_reads`); see WORK_MODEL."""
+def footprint(case: Case, rois: torch.Tensor) -> tuple[np.ndarray, int]:
+    """The pixels the forward of `case` reads, as [groups, N, H, W] bool masks (a mask per bin
+    for the ps ops, each bin reading its own channel group; one for the others, which read every
+    channel), and for the pool ops the pixel reads summed over all output elements."""
     n, c, h, w = case.shape
     p = case.pooled
     ps = case.op.startswith("ps_")
@@ -195,7 +203,44 @@ def work_model(case: Case, rois: torch.Tensor) -> dict[str, int]:
             for i, ri in enumerate(rows):
                 for j, cj in enumerate(cols):
                     masks[i * p + j if ps else 0, b][np.ix_(ri, cj)] = True
+    return masks, pool_reads
+
+
+def work_model(case: Case, rois: torch.Tensor) -> dict[str, int]:
+    """The input elements the forward of `case` reads at least once (`input_elems`) and, for the
+    pool ops, the pixel reads summed over all output elements (`pool_reads`); see WORK_MODEL."""
+    masks, pool_reads = footprint(case, rois)
+    p = case.pooled
+    c_read = case.shape[1] // (p * p) if case.op.startswith("ps_") else case.shape[1]
     return {"input_elems": int(masks.sum()) * c_read, "pool_reads": pool_reads}
+
+
+LINE = 64  # bytes per cache line
+
+
+def input_lines(case: Case, rois: torch.Tensor, layout: str, element_size: int) -> torch.Tensor:
+    """Byte offsets (ascending, int64) of the cache lines of the input, in `layout`, that hold an
+    element the forward of `case` reads: the lines the line-read floor reads. Assumes a
+    line-aligned input (ATen's CPU allocator aligns to 64 bytes)."""
+    masks, _ = footprint(case, rois)
+    n, c, h, w = case.shape
+    groups = masks.shape[0]
+    # Input channel ch = j * groups + g for the ps ops (bin g's group), every channel otherwise.
+    elems = np.broadcast_to(masks.transpose(1, 0, 2, 3)[:, None], (n, c // groups, groups, h, w)).reshape(n, c, h, w)
+    if layout == "channels_last":
+        elems = elems.transpose(0, 2, 3, 1)
+    per_line = LINE // element_size
+    flat = np.ascontiguousarray(elems).reshape(-1)
+    flat = np.concatenate([flat, np.zeros(-len(flat) % per_line, dtype=bool)])
+    return torch.from_numpy(np.flatnonzero(flat.reshape(-1, per_line).any(1)) * LINE)
+
+
+@functools.cache
+def line_floor_module():
+    """benchmarks/line_floor.cpp, built on first use (torch.utils.cpp_extension's cache)."""
+    from torch.utils.cpp_extension import load
+
+    return load("tvce_bench_line_floor", [str(Path(__file__).with_name("line_floor.cpp"))], extra_cflags=["-O3"])
 
 
 def median_seconds(stmt: str, env: dict, min_run_time: float) -> float:
@@ -227,7 +272,10 @@ def interleaved_seconds(configs: list[tuple[str, str, dict]], min_time: float, i
     return [statistics.median(t) for t in rounds]
 
 
-def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes) -> list[dict]:
+def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes, line_floor: bool = False) -> list[dict]:
+    """Every configuration of `case` at `threads` threads, forward and backward; with `line_floor`
+    the forward rows also carry `line_floor_ms`, the line-read floor of their layout and dtype
+    (WORK_MODEL), timed in turn with them."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     x32 = torch.randn(case.shape)
@@ -274,7 +322,16 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes) -> li
                     del out
                     configs.append((impl, stmt, env))
                     labels.append((impl, layout, dtype, x))
-        secs = interleaved_seconds(configs, min_time)
+        floor_of = {}  # (layout, dtype) -> its line-read floor's configuration, after the labelled ones
+        if line_floor and direction == "forward":
+            for impl, layout, dtype, x in labels:
+                if impl == "ours":
+                    off = input_lines(case, rois, layout, x.element_size())
+                    floor_of[layout, dtype] = len(configs)
+                    configs.append(("floor", "m.read_lines(x, off)", {"m": line_floor_module(), "x": x, "off": off}))
+        all_secs = interleaved_seconds(configs, min_time)
+        secs = all_secs[: len(labels)]
+        floor_ms = {key: all_secs[i] * 1e3 for key, i in floor_of.items()}
         baseline = next(
             (
                 sec
@@ -309,9 +366,13 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes) -> li
                     "flops": flops,
                 }
             )
+            floor = ""
+            if (layout, dtype) in floor_ms:
+                rows[-1]["line_floor_ms"] = floor_ms[layout, dtype]
+                floor = f"  (line-read floor {floor_ms[layout, dtype]:.2f} ms)"
             print(
                 f"  {direction:8s} {impl:11s} {layout:13s} {rows[-1]['dtype']:8s} {threads}T "
-                f"{sec * 1e3:9.2f} ms  x{rows[-1]['speedup_vs_torchvision_fp32_nchw'] or 0:6.1f}",
+                f"{sec * 1e3:9.2f} ms  x{rows[-1]['speedup_vs_torchvision_fp32_nchw'] or 0:6.1f}{floor}",
                 flush=True,
             )
     return rows
@@ -485,15 +546,19 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"(2 threads); allocating and first touching a 50 MB tensor {lim['alloc_touch_50mb_ms']:.1f} ms",
         f"- command: `{meta['command']}`",
         "",
-        "| case | dir | impl | layout | dtype | threads | ms (median) | speedup vs tv fp32 NCHW | GFMA/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | dir | impl | layout | dtype | threads | ms (median) | speedup vs tv fp32 NCHW | GFMA/s "
+        "| line-read floor ms (tv fp32 NCHW / floor) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         sp = r["speedup_vs_torchvision_fp32_nchw"]
         gfma = "" if r["gfma_per_s"] is None else f"{r['gfma_per_s']:.1f}"
+        floor = ""
+        if r.get("line_floor_ms") and sp:
+            floor = f"{r['line_floor_ms']:.2f} ({sp * r['ms'] / r['line_floor_ms']:.1f}x)"
         out.append(
             f"| {r['case']} | {r['direction']} | {r['impl']} | {r['layout']} | {r['dtype']} | {r['threads']} "
-            f"| {r['ms']:.2f} | {sp:.1f}x | {gfma} |"
+            f"| {r['ms']:.2f} | {sp:.1f}x | {gfma} | {floor} |"
         )
     return "\n".join(out) + "\n"
 
@@ -504,6 +569,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ops", nargs="+", default=list(ALL_OPS), help="ops to run (default: all)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timing per row")
+    ap.add_argument(
+        "--line-floor",
+        action="store_true",
+        help="also time each RoI forward's line-read floor (builds benchmarks/line_floor.cpp on first use)",
+    )
 
 
 def json_info() -> dict:
@@ -539,7 +609,9 @@ def run(a: argparse.Namespace) -> dict:
     for case in cases:
         for threads in a.threads:
             print(f"{case.name} ({threads} thread{'s' if threads > 1 else ''})", flush=True)
-            rows += bench_case(case, threads, min_time, ["nchw", "channels_last"], [torch.float32, torch.bfloat16])
+            rows += bench_case(
+                case, threads, min_time, ["nchw", "channels_last"], [torch.float32, torch.bfloat16], a.line_floor
+            )
     if "nms" in a.ops:
         for threads in a.threads:
             print(f"nms ({threads} thread{'s' if threads > 1 else ''})", flush=True)

@@ -373,6 +373,7 @@ def op_table(rows: list[dict]) -> tuple[str, str]:
         "GFLOP/s",
         "% sgemm",
         "flop/B",
+        "line-read floor ms",
     ]
     body = [
         [
@@ -389,6 +390,7 @@ def op_table(rows: list[dict]) -> tuple[str, str]:
             _fmt(r.get("gflop_s"), ".2f"),
             _fmt(r.get("pct_sgemm"), ".1f"),
             _fmt(r.get("flop_per_byte"), ".2f"),
+            _fmt(r.get("line_floor_ms"), ".3f"),
         ]
         for r in rows
     ]
@@ -554,6 +556,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ops", nargs="+", default=None, help="ops to run (default: all)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timing per row")
+    ap.add_argument("--line-floor", action="store_true", help="also time each RoI forward's line-read floor")
     return ap
 
 

@@ -29,6 +29,35 @@ def test_bench_case_runs(op):
     assert all(r["ms"] > 0 and r["speedup_vs_torchvision_fp32_nchw"] > 0 for r in rows)
 
 
+def test_bench_case_line_floor():
+    case = tiny_case("ps_roi_pool")
+    rows = bench_ops.bench_case(case, 2, 0.001, ["nchw", "channels_last"], [torch.float32], line_floor=True)
+    forward = [r for r in rows if r["direction"] == "forward"]
+    assert len(forward) == 4 and all(r["line_floor_ms"] > 0 for r in forward)
+    assert not any("line_floor_ms" in r for r in rows if r["direction"] == "backward")
+    # Each row carries its layout's floor (torchvision's NCHW row the one the table divides by).
+    floor = {(r["impl"], r["layout"]): r["line_floor_ms"] for r in forward}
+    assert floor["torchvision", "nchw"] == floor["ours", "nchw"]
+    assert floor["torchvision", "channels_last"] == floor["ours", "channels_last"]
+    assert (forward[0]["impl"], forward[0]["layout"]) == ("torchvision", "nchw")
+    tv_ms, nchw_floor = forward[0]["ms"], floor["ours", "nchw"]
+    assert f"| {nchw_floor:.2f} ({tv_ms / nchw_floor:.1f}x) |" in bench_ops.markdown(
+        {
+            **dict.fromkeys(["cpu", "aten_cpu_capability", "isa_variant", "torch", "torchvision", "python", "command"]),
+            "limits": dict.fromkeys(
+                ["copy_gb_s_1t", "copy_gb_s_2t", "sgemm_gflop_s_1t", "sgemm_gflop_s_2t", "alloc_touch_50mb_ms"], 1.0
+            ),
+        },
+        rows,
+    )
+    # The floor reads the bytes it is given: their sum, for a map of ones in bfloat16 (0x3F80).
+    x = torch.ones(1000, dtype=torch.bfloat16)
+    off = torch.tensor([0, 64, 129, 1999], dtype=torch.int64)
+    assert bench_ops.line_floor_module().read_lines(x, off) == 0x80 + 0x80 + 0x3F + 0x3F
+    with pytest.raises(RuntimeError, match="outside the tensor's storage"):
+        bench_ops.line_floor_module().read_lines(x, torch.tensor([2000]))
+
+
 def test_interleaved_seconds_times_each_configuration_in_turn_with_its_kernels():
     log: list[tuple[str, bool]] = []
     env = {"log": log, "ext": bench_ops.torchvision_cpu_ext}
@@ -94,6 +123,15 @@ def test_work_model_footprint_is_what_the_forward_reads(op, torchvision_kernels)
         assert work == {"input_elems": int(mask.sum()) * c, "pool_reads": reads * c}
         return
     assert work["input_elems"] == int((reached != 0).sum())
+    # The line-read floor's lines: those holding a reached element, in either layout and dtype.
+    full = torch.zeros(case.shape, dtype=torch.bool)
+    full[..., : reached.shape[2], : reached.shape[3]] = reached != 0
+    for layout in ("nchw", "channels_last"):
+        order = full.permute(0, 2, 3, 1) if layout == "channels_last" else full
+        for element_size in (4, 2):
+            elems = torch.nonzero(order.reshape(-1)).flatten()
+            expected = torch.unique(elems * element_size // bench_ops.LINE) * bench_ops.LINE
+            assert torch.equal(bench_ops.input_lines(case, rois, layout, element_size), expected)
 
 
 def test_nms_pairs_counts_the_greedy_loop():
