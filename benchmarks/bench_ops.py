@@ -218,11 +218,10 @@ def work_model(case: Case, rois: torch.Tensor) -> dict[str, int]:
 LINE = 64  # bytes per cache line
 
 
-def input_lines(case: Case, rois: torch.Tensor, layout: str, element_size: int) -> torch.Tensor:
+def input_lines(case: Case, masks: np.ndarray, layout: str, element_size: int) -> torch.Tensor:
     """Byte offsets (ascending, int64) of the cache lines of the input, in `layout`, that hold an
-    element the forward of `case` reads: the lines the line-read floor reads. Assumes a
-    line-aligned input (ATen's CPU allocator aligns to 64 bytes)."""
-    masks, _ = footprint(case, rois)
+    element the forward of `case` reads (`masks`: footprint's): the lines the line-read floor
+    reads. Assumes a line-aligned input (ATen's CPU allocator aligns to 64 bytes)."""
     n, c, h, w = case.shape
     groups = masks.shape[0]
     # Input channel ch = j * groups + g for the ps ops (bin g's group), every channel otherwise.
@@ -324,9 +323,10 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes, line_
                     labels.append((impl, layout, dtype, x))
         floor_of = {}  # (layout, dtype) -> its line-read floor's configuration, after the labelled ones
         if line_floor and direction == "forward":
+            masks = footprint(case, rois)[0]
             for impl, layout, dtype, x in labels:
                 if impl == "ours":
-                    off = input_lines(case, rois, layout, x.element_size())
+                    off = input_lines(case, masks, layout, x.element_size())
                     floor_of[layout, dtype] = len(configs)
                     configs.append(("floor", "m.read_lines(x, off)", {"m": line_floor_module(), "x": x, "off": off}))
         all_secs = interleaved_seconds(configs, min_time)

@@ -6,6 +6,7 @@ import base64
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -56,6 +57,11 @@ def test_bench_case_line_floor():
     assert bench_ops.line_floor_module().read_lines(x, off) == 0x80 + 0x80 + 0x3F + 0x3F
     with pytest.raises(RuntimeError, match="outside the tensor's storage"):
         bench_ops.line_floor_module().read_lines(x, torch.tensor([2000]))
+    with pytest.raises(RuntimeError, match="offsets: contiguous int64"):
+        bench_ops.line_floor_module().read_lines(x, off.int())
+    misaligned = torch.from_numpy(np.zeros(1000, dtype=np.uint8)[1:])  # numpy aligns its buffer to 16
+    with pytest.raises(RuntimeError, match="not aligned to 64 bytes"):
+        bench_ops.line_floor_module().read_lines(misaligned, off[:1])
 
 
 def test_interleaved_seconds_times_each_configuration_in_turn_with_its_kernels():
@@ -126,12 +132,13 @@ def test_work_model_footprint_is_what_the_forward_reads(op, torchvision_kernels)
     # The line-read floor's lines: those holding a reached element, in either layout and dtype.
     full = torch.zeros(case.shape, dtype=torch.bool)
     full[..., : reached.shape[2], : reached.shape[3]] = reached != 0
+    masks = bench_ops.footprint(case, rois)[0]
     for layout in ("nchw", "channels_last"):
         order = full.permute(0, 2, 3, 1) if layout == "channels_last" else full
         for element_size in (4, 2):
             elems = torch.nonzero(order.reshape(-1)).flatten()
             expected = torch.unique(elems * element_size // bench_ops.LINE) * bench_ops.LINE
-            assert torch.equal(bench_ops.input_lines(case, rois, layout, element_size), expected)
+            assert torch.equal(bench_ops.input_lines(case, masks, layout, element_size), expected)
 
 
 def test_nms_pairs_counts_the_greedy_loop():
