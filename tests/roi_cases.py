@@ -91,7 +91,7 @@ def inf_border_case(channels: int, dtype: torch.dtype, layout: str) -> tuple[tor
     # In image coordinates (SCALE 0.5): every sample point and tap lies in rows and columns >= 2.
     rois = torch.tensor(
         [[0, 5.3, 6.1, 20.2, 17.7], [1, 8.0, 8.0, 12.5, 19.0], [0, 7.0, 5.5, 7.5, 6.0], [1, 14.0, 9.0, 24.0, 21.0]],
-        dtype=dtype if dtype == torch.float64 else torch.float32,
+        dtype=dtype,
     )
     return x.contiguous(memory_format=fmt), rois
 
@@ -103,4 +103,4 @@ def ps_layout_case(c_out: int, n_images: int, dtype: torch.dtype) -> tuple[torch
     rois[:, 0] = rois[:, 0].clamp(max=max(n_images - 2, 0))
     rois = torch.cat([rois, make_rois(K=6)[-8:]])
     rois[:, 0] = rois[:, 0].clamp(max=n_images - 1)
-    return x.to(dtype), rois.double() if dtype == torch.float64 else rois
+    return x.to(dtype), rois.to(dtype)

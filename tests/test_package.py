@@ -44,7 +44,7 @@ def test_our_kernels_are_dispatched():
     for op in OURS:
         assert cpu_kernel_owner(op) == "torchvision_cpu_ext"
     # torchvision's own CPU roi_align has no bfloat16 kernel: this runs only on ours.
-    out = roi_align(torch.randn(1, 3, 8, 8).bfloat16(), torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]]), 2)
+    out = roi_align(torch.randn(1, 3, 8, 8).bfloat16(), torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]]).bfloat16(), 2)
     assert out.dtype == torch.bfloat16
 
 
@@ -78,7 +78,7 @@ def test_disable_gives_torchvision_kernels_back():
     torchvision_cpu_ext.enable()  # idempotent
     assert all(cpu_kernel_owner(op) == "torchvision_cpu_ext" for op in OURS)
     assert set(torchvision_cpu_ext.info()["python"].values()) == {"torchvision_cpu_ext"}
-    assert roi_align(x.bfloat16(), rois, 2).dtype == torch.bfloat16
+    assert roi_align(x.bfloat16(), rois.bfloat16(), 2).dtype == torch.bfloat16
 
 
 @pytest.mark.skipif(NATIVE, reason="only without torchvision's compiled ops")

@@ -30,6 +30,8 @@ import torchvision_cpu_ext
 
 OP = torch.ops.torchvision.roi_align
 BWD = torch.ops.torchvision._roi_align_backward
+# A reduced input with float32 rois: what the autocast rule calls (NOTE [ roi_align under autocast ]).
+MIXED = torch.ops.torchvision_cpu_ext._roi_align_mixed
 
 
 @functools.cache
@@ -48,7 +50,10 @@ def test_forward_matches_reference(dtype, layout, contiguous, aligned, sampling_
     x = make_input(dtype, layout, contiguous)
     for rois_dtype in {dtype, torch.float32} if dtype in (torch.bfloat16, torch.float16) else {dtype}:
         rois = make_rois(dtype=rois_dtype)
-        out = roi_align(x, rois, POOLED, SCALE, sampling_ratio, aligned)
+        if rois_dtype == dtype:
+            out = roi_align(x, rois, POOLED, SCALE, sampling_ratio, aligned)
+        else:
+            out = MIXED(x, rois, SCALE, *POOLED, sampling_ratio, aligned)
         assert out.dtype == dtype
         assert out.is_contiguous(memory_format=expected_format(layout))
         expected = _reference(dtype, rois_dtype, aligned, sampling_ratio)
@@ -106,7 +111,7 @@ def test_gradcheck(layout, aligned, sampling_ratio):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_reduced_precision_backward(dtype, layout, threads):
     x64 = make_input(torch.float64, layout, True)
-    rois = make_rois()
+    rois = make_rois(dtype=dtype)
     g = torch.randn(rois.shape[0], C, *POOLED, dtype=torch.float64)
     xr = x64.to(dtype).requires_grad_()
     roi_align(xr, rois, POOLED, SCALE, 2, True).backward(g.to(dtype))
@@ -198,8 +203,10 @@ def test_bad_inputs_raise_clear_errors():
         OP(x, rois[0], SCALE, 2, 2, 2, True)
     with pytest.raises(RuntimeError, match="rois must have the dtype of input"):
         OP(x, rois.double(), SCALE, 2, 2, 2, True)
-    with pytest.raises(RuntimeError, match="rois must have the dtype of input or float32"):
-        OP(x.bfloat16(), rois.double(), SCALE, 2, 2, 2, True)
+    with pytest.raises(RuntimeError, match="rois must have the dtype of input, got input BFloat16 and rois Float"):
+        OP(x.bfloat16(), rois, SCALE, 2, 2, 2, True)  # as torchvision: mixed only under autocast
+    with pytest.raises(RuntimeError, match="_roi_align_mixed: rois must have the dtype of input or float32"):
+        MIXED(x.bfloat16(), rois.double(), SCALE, 2, 2, 2, True)
     with pytest.raises(RuntimeError, match="input must be float32, float64, bfloat16 or float16"):
         OP(x.int(), rois.int(), SCALE, 2, 2, 2, True)
     with pytest.raises(RuntimeError, match="output size .* must be non-negative"):
@@ -226,7 +233,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_opcheck(layout, dtype, rois_dtype):
     x = make_input(dtype, layout, True).requires_grad_(dtype != torch.bfloat16)
     rois = make_rois(K=5, dtype=rois_dtype)
-    torch.library.opcheck(OP, (x, rois, SCALE, 3, 4, 2, True))
+    torch.library.opcheck(OP if dtype == rois_dtype else MIXED, (x, rois, SCALE, 3, 4, 2, True))
     g = torch.randn(rois.shape[0], C, 3, 4, dtype=torch.float64).to(dtype)
     if layout == "channels_last":
         g = g.contiguous(memory_format=torch.channels_last)
@@ -259,10 +266,10 @@ class TestAutocast:
             out = roi_align(x, rois, POOLED, SCALE, 2, True)
         assert out.dtype == torch.bfloat16
         calls = [s[:2] for s in seen if "roi_align" in s[0]]
-        assert calls == [("torchvision.roi_align.default", [torch.bfloat16, torch.float32])]
+        assert calls == [("torchvision_cpu_ext._roi_align_mixed.default", [torch.bfloat16, torch.float32])]
         # The feature map is never copied (torchvision's rule casts it to fp32 and back).
         assert not any("_to_copy" in f and shapes == [tuple(x.shape)] for f, _, shapes in seen)
-        expected = OP(x, rois.float(), SCALE, *POOLED, 2, True)
+        expected = MIXED(x, rois.float(), SCALE, *POOLED, 2, True)
         assert torch.equal(out, expected)
 
     def test_fp32_input_stays_fp32(self):
@@ -322,7 +329,9 @@ def test_multiscale_roi_align_module():
     boxes = [torch.tensor([[0.0, 0.0, 40.0, 40.0], [10.0, 20.0, 250.0, 200.0]])]
     out = pooler(feats, boxes, [(256, 256)])
     assert out.shape == (2, 8, 7, 7)
-    out_bf16 = pooler({k: v.bfloat16() for k, v in feats.items()}, boxes, [(256, 256)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as detection models run bf16 (boxes stay fp32)
+        out_bf16 = pooler({k: v.bfloat16() for k, v in feats.items()}, boxes, [(256, 256)])
+    assert out_bf16.dtype == torch.bfloat16
     torch.testing.assert_close(out_bf16.float(), out, rtol=2e-2, atol=2e-2)
 
 
@@ -338,7 +347,7 @@ def test_nchw_paths_match_reference(path, dtype, threads):
     n, c, h, w, k = NCHW_PATHS[path]
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n, c, h, w, generator=g).to(dtype)
-    rois = torch.tensor([[i % n, 2.0 + i, 1.0 + 2 * i, 12.0 + 3 * i, 15.0 + i] for i in range(k)])
+    rois = torch.tensor([[i % n, 2.0 + i, 1.0 + 2 * i, 12.0 + 3 * i, 15.0 + i] for i in range(k)]).to(dtype)
     out = roi_align(x, rois, (3, 4), 0.5, 2, True)
     torch.testing.assert_close(out.double(), ref_roi_align(x.double(), rois, 0.5, 3, 4, 2, True), **TOL[dtype])
 

@@ -20,6 +20,17 @@
 //   bfloat16/half, accumulate a block of V channels of one image in a float pixel-major
 //   scratch and write it once; channels_last float/double accumulate in place, threads
 //   owning blocks of V channels (one cache line of fp32: no false sharing).
+//
+// NOTE [ roi_align under autocast ]
+// Like torchvision's kernel, torchvision::roi_align takes rois of the input's dtype only.
+// Under bfloat16/float16 autocast torchvision casts the feature map to float32 and the result
+// back; our AutocastCPU rule (torchvision_cpu_ext/ops/roi_align.py) keeps a reduced feature map
+// as it is and casts only the rois to float32 (bfloat16 cannot hold pixel coordinates), then
+// calls torchvision_cpu_ext::_roi_align_mixed: this same forward, accepting that one mixed
+// pair. A separate op keeps the mixed pair an autocast-only case (outside autocast it raises,
+// as torchvision does) while torch.compile can still trace it. Its autograd calls
+// _roi_align_backward with the reduced gradient and the float32 rois, so the backward takes
+// that pair too.
 #include "memory.h"
 #include "override.h"
 #include "roi_common.h"
@@ -371,7 +382,9 @@ void backward_kernel(
   backward_blocked<scalar_t>(grad, S, grad_in, PH, PW, fmt);
 }
 
-at::Tensor roi_align_forward(
+at::Tensor forward(
+    const char* op,
+    bool float_rois_ok,
     const at::Tensor& input,
     const at::Tensor& rois,
     double spatial_scale,
@@ -379,9 +392,9 @@ at::Tensor roi_align_forward(
     int64_t pooled_width,
     int64_t sampling_ratio,
     bool aligned) {
-  detail::check_roi_inputs(kOp, input, rois);
-  detail::check_pooled_size(kOp, pooled_height, pooled_width);
-  const auto fmt = detail::layout_of(kOp, input);
+  detail::check_roi_inputs(op, input, rois, float_rois_ok);
+  detail::check_pooled_size(op, pooled_height, pooled_width);
+  const auto fmt = detail::layout_of(op, input);
   const int64_t K = rois.size(0), C = input.size(1);
   at::Tensor output = empty_output({K, C, pooled_height, pooled_width}, input.options(), fmt);
   if (output.numel() == 0) {
@@ -406,6 +419,30 @@ at::Tensor roi_align_forward(
   return output;
 }
 
+at::Tensor roi_align_forward(
+    const at::Tensor& input,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned) {
+  return forward(kOp, false, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
+}
+
+// See NOTE [ roi_align under autocast ].
+at::Tensor roi_align_mixed_forward(
+    const at::Tensor& input,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned) {
+  return forward(
+      "_roi_align_mixed", true, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
+}
+
 at::Tensor roi_align_backward(
     const at::Tensor& grad,
     const at::Tensor& rois,
@@ -419,7 +456,7 @@ at::Tensor roi_align_backward(
     int64_t sampling_ratio,
     bool aligned) {
   constexpr const char* op = "_roi_align_backward";
-  detail::check_roi_inputs(op, grad, rois);
+  detail::check_roi_inputs(op, grad, rois, /*float_rois_ok=*/true);  // NOTE [ roi_align under autocast ]
   detail::check_pooled_size(op, pooled_height, pooled_width);
   detail::check_input_shape(op, batch_size, channels, height, width);
   detail::check_grad_shape(op, grad, rois.size(0), channels, pooled_height, pooled_width);
@@ -452,3 +489,13 @@ const CpuOverride registrar({"roi_align", "_roi_align_backward"}, &register_kern
 
 } // namespace
 } // namespace tvce
+
+TORCH_LIBRARY_FRAGMENT(torchvision_cpu_ext, m) {
+  m.def(
+      "_roi_align_mixed(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+      "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(torchvision_cpu_ext, CPU, m) {
+  m.impl("_roi_align_mixed", TORCH_FN(tvce::roi_align_mixed_forward));
+}

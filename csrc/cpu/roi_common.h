@@ -386,8 +386,12 @@ inline void pixels_to_planes(const T* pixels, int64_t HW, int64_t nc, int64_t V,
   }
 }
 
-// Argument checks shared by the RoI ops: every message names the argument.
-inline void check_roi_inputs(const char* op, const at::Tensor& input, const at::Tensor& rois) {
+// Argument checks shared by the RoI ops: every message names the argument. rois must have the
+// input's dtype, as torchvision's kernels require; `float_rois_ok` also takes float32 rois with a
+// bfloat16/float16 input, which only roi_align's autocast path passes (NOTE [ roi_align under
+// autocast ] in roi_align_kernel.cpp) and its backward then receives.
+inline void check_roi_inputs(
+    const char* op, const at::Tensor& input, const at::Tensor& rois, bool float_rois_ok = false) {
   TORCH_CHECK(
       input.device().is_cpu() && rois.device().is_cpu(),
       op, ": input and rois must be CPU tensors, got input on ", input.device(),
@@ -402,10 +406,10 @@ inline void check_roi_inputs(const char* op, const at::Tensor& input, const at::
   TORCH_CHECK(
       dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
       ": input must be float32, float64, bfloat16 or float16, got ", dt);
-  const bool reduced = dt == at::kBFloat16 || dt == at::kHalf;
+  const bool mixed_ok = float_rois_ok && (dt == at::kBFloat16 || dt == at::kHalf);
   TORCH_CHECK(
-      rois.scalar_type() == dt || (reduced && rois.scalar_type() == at::kFloat), op,
-      ": rois must have the dtype of input", reduced ? " or float32" : "", ", got input ", dt,
+      rois.scalar_type() == dt || (mixed_ok && rois.scalar_type() == at::kFloat), op,
+      ": rois must have the dtype of input", mixed_ok ? " or float32" : "", ", got input ", dt,
       " and rois ", rois.scalar_type());
 }
 

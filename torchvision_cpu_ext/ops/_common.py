@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch._prims_common import suggest_memory_format
 
@@ -12,26 +10,28 @@ AUTOCAST_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
 _REDUCED = (torch.bfloat16, torch.float16)
 
 
-def check_roi_dtypes(op: str, input: torch.Tensor, rois: torch.Tensor) -> None:
-    """rois share the input's dtype, or are float32 for a bfloat16/float16 input (as in C++)."""
-    ok = rois.dtype == input.dtype or (input.dtype in _REDUCED and rois.dtype == torch.float32)
+def check_roi_dtypes(op: str, input: torch.Tensor, rois: torch.Tensor, float_rois_ok: bool = False) -> None:
+    """rois share the input's dtype (as torchvision requires); with `float_rois_ok`, float32 rois
+    with a bfloat16/float16 input are taken too (roi_align's autocast path, as in C++)."""
+    mixed_ok = float_rois_ok and input.dtype in _REDUCED
+    ok = rois.dtype == input.dtype or (mixed_ok and rois.dtype == torch.float32)
     torch._check(
         ok,
         lambda: (
             f"{op}: rois must have the dtype of input"
-            + (" or float32" if input.dtype in _REDUCED else "")
+            + (" or float32" if mixed_ok else "")
             + f", got input {input.dtype} and rois {rois.dtype}"
         ),
     )
 
 
-def check_roi_inputs(op: str, input: torch.Tensor, rois: torch.Tensor) -> None:
+def check_roi_inputs(op: str, input: torch.Tensor, rois: torch.Tensor, float_rois_ok: bool = False) -> None:
     torch._check(input.dim() == 4, lambda: f"{op}: input must be a 4-D tensor [N, C, H, W], got {input.dim()}-D")
     torch._check(
         rois.dim() == 2 and rois.size(1) == 5,
         lambda: f"{op}: rois must have shape [K, 5] (batch index, x1, y1, x2, y2), got {list(rois.shape)}",
     )
-    check_roi_dtypes(op, input, rois)
+    check_roi_dtypes(op, input, rois, float_rois_ok)
 
 
 def ps_channels_out(op: str, channels: int, pooled_height: int, pooled_width: int) -> int:
@@ -60,24 +60,21 @@ def pooled_with_indices(
 
 
 def grad_input_like(
-    op: str, grad: torch.Tensor, rois: torch.Tensor, batch_size: int, channels: int, height: int, width: int
+    op: str,
+    grad: torch.Tensor,
+    rois: torch.Tensor,
+    batch_size: int,
+    channels: int,
+    height: int,
+    width: int,
+    float_rois_ok: bool = False,
 ) -> torch.Tensor:
     """Fake output of every `_..._backward` op: grad_input in grad's memory format."""
-    check_roi_dtypes(op, grad, rois)
+    check_roi_dtypes(op, grad, rois, float_rois_ok)
     return empty_like_layout(grad, (batch_size, channels, height, width))
 
 
-def autocast_rule(op: str) -> Callable[..., object]:
-    """AutocastCPU rule of a RoI op: the input keeps its dtype (a bf16 feature map stays bf16,
-    where torchvision's rule casts it to fp32 and back), rois go to fp32 (bf16 cannot hold
-    pixel coordinates); float64 runs untouched."""
-    kernel = getattr(torch.ops.torchvision, op)
-
-    def rule(input: torch.Tensor, rois: torch.Tensor, *args):
-        with torch._C._ExcludeDispatchKeyGuard(AUTOCAST_CPU_KEYS):
-            if input.dtype != torch.float64 and rois.is_floating_point():
-                rois = rois.float()
-            return kernel(input, rois, *args)
-
-    rule.__name__ = f"autocast_{op}"
-    return rule
+def autocast_cast(t: torch.Tensor) -> torch.Tensor:
+    """What torchvision's CPU autocast rules do to each tensor argument (at::autocast::cached_cast
+    to float32): a floating tensor other than float64 becomes float32, anything else is kept."""
+    return t.float() if t.is_floating_point() and t.dtype != torch.float64 else t

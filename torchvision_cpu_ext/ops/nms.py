@@ -8,13 +8,19 @@ that function is replaced by one C++ call with the same result: per-class nms (c
 parallel), the kept indices ordered by score exactly as torchvision's unstable tensor sort
 orders them (csrc/cpu/nms_kernel.cpp: batched_nms). torchvision's detection models and detectron2 call it through
 torchvision.ops.boxes, where it is looked up at call time.
+
+Under autocast, torchvision's loop casts each class's boxes and scores to float32 in nms's
+AutocastCPU rule; `_batched_nms` has the same rule (float64 and integer tensors kept), so mixed
+dtypes (detectron2's RPN: float32 boxes, bfloat16 scores) give torchvision's indices or its error.
 """
 
 from __future__ import annotations
 
 import torch
 
-_state: dict[str, object] = {"original": None, "fake_registered": False}
+from ._common import AUTOCAST_CPU_KEYS, autocast_cast
+
+_state: dict[str, object] = {"original": None, "own_lib": None}
 
 
 def batched_nms_vanilla(
@@ -31,10 +37,19 @@ def _fake_batched_nms(boxes, scores, idxs, iou_threshold):
     return scores.new_empty(kept, dtype=torch.long)
 
 
+def _autocast_batched_nms(boxes, scores, idxs, iou_threshold):
+    with torch._C._ExcludeDispatchKeyGuard(AUTOCAST_CPU_KEYS):
+        return torch.ops.torchvision_cpu_ext._batched_nms(
+            autocast_cast(boxes), autocast_cast(scores), idxs, iou_threshold
+        )
+
+
 def register(lib: torch.library.Library) -> None:
-    if not _state["fake_registered"]:
+    if _state["own_lib"] is None:  # our own op: its fake kernel and autocast rule are registered once
         torch.library.register_fake("torchvision_cpu_ext::_batched_nms", _fake_batched_nms)
-        _state["fake_registered"] = True
+        own = torch.library.Library("torchvision_cpu_ext", "IMPL")
+        own.impl("_batched_nms", _autocast_batched_nms, "AutocastCPU")
+        _state["own_lib"] = own
     # Imported here: in the fallback mode torchvision may only be imported once its ops exist.
     import torchvision.ops.boxes as tv_boxes
 

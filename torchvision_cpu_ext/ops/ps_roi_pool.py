@@ -1,14 +1,17 @@
-"""Python-side registrations of ps_roi_pool: fake (Meta) kernels and the AutocastCPU rule.
+"""Python-side registrations of ps_roi_pool: fake (Meta) kernels.
 
 The C++ kernels are in csrc/cpu/ps_roi_pool_kernel.cpp; outputs (and channel_mapping) come in
 the input's memory format.
+
+torchvision registers no CPU autocast rule for ps_roi_pool, and neither do we: under autocast it runs
+as outside it (rois of the input's dtype, or torchvision's error).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import autocast_rule, grad_input_like, pooled_with_indices, ps_channels_out
+from ._common import grad_input_like, pooled_with_indices, ps_channels_out
 
 
 def meta_ps_roi_pool(
@@ -36,4 +39,3 @@ def meta_ps_roi_pool_backward(
 def register(lib: torch.library.Library) -> None:
     lib.impl("ps_roi_pool", meta_ps_roi_pool, "Meta")
     lib.impl("_ps_roi_pool_backward", meta_ps_roi_pool_backward, "Meta")
-    lib.impl("ps_roi_pool", autocast_rule("ps_roi_pool"), "AutocastCPU")

@@ -1,14 +1,17 @@
-"""Python-side registrations of roi_pool: fake (Meta) kernels and the AutocastCPU rule.
+"""Python-side registrations of roi_pool: fake (Meta) kernels.
 
 The C++ kernels are in csrc/cpu/roi_pool_kernel.cpp; outputs (and argmax) come in the input's
 memory format.
+
+torchvision registers no CPU autocast rule for roi_pool, and neither do we: under autocast it runs
+as outside it (rois of the input's dtype, or torchvision's error).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import autocast_rule, grad_input_like, pooled_with_indices
+from ._common import grad_input_like, pooled_with_indices
 
 
 def meta_roi_pool(
@@ -35,4 +38,3 @@ def meta_roi_pool_backward(
 def register(lib: torch.library.Library) -> None:
     lib.impl("roi_pool", meta_roi_pool, "Meta")
     lib.impl("_roi_pool_backward", meta_roi_pool_backward, "Meta")
-    lib.impl("roi_pool", autocast_rule("roi_pool"), "AutocastCPU")
