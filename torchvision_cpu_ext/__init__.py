@@ -7,6 +7,9 @@ back and forth in one process; TORCHVISION_CPU_EXT_OVERRIDE=0 imports without ov
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from . import _loader, _registry
 from ._info import info
 
@@ -25,6 +28,19 @@ def enable() -> None:
 def disable() -> None:
     """Give torchvision's own CPU kernels, fake kernels and autocast rules back."""
     _registry.disable()
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """torchvision's own CPU kernels inside the block (e.g. to compare with them); the state
+    before it afterwards."""
+    was = is_enabled()
+    disable()
+    try:
+        yield
+    finally:
+        if was:
+            enable()
 
 
 def is_enabled() -> bool:
@@ -47,4 +63,4 @@ def loaded_library() -> _loader.Loaded:
     return _LOADED
 
 
-__all__ = ["disable", "empty_cache", "enable", "info", "is_enabled", "loaded_library"]
+__all__ = ["disable", "disabled", "empty_cache", "enable", "info", "is_enabled", "loaded_library"]
