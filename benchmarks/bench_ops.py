@@ -297,19 +297,26 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes, line_
                         continue  # torchvision's CPU kernels of these ops have no bfloat16
                     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
                     x = x32.to(dtype).contiguous(memory_format=fmt)
-                    fwd_args = (x, rois, case.scale, p, p) + ((case.sampling_ratio,) if "align" in case.op else ())
+                    # A reduced map runs as under autocast: roi_align with float32 rois (its
+                    # autocast path, the mixed op), the other ops with rois of the map's dtype.
+                    mixed = case.op == "roi_align" and dtype != torch.float32
+                    r = rois if dtype == torch.float32 or mixed else rois.to(dtype)
+                    op_stmt = stmt.replace("torchvision.roi_align(", "torchvision_cpu_ext._roi_align_mixed(")
+                    fwd_args = (x, r, case.scale, p, p) + ((case.sampling_ratio,) if "align" in case.op else ())
                     fwd_args += (True,) if case.op == "roi_align" else ()  # aligned
-                    (torchvision_cpu_ext.disable if impl == "torchvision" else torchvision_cpu_ext.enable)()
-                    try:
-                        out = getattr(torch.ops.torchvision, case.op)(*fwd_args)
-                    finally:
-                        torchvision_cpu_ext.enable()
+                    with contextlib.nullcontext() if impl == "ours" else torchvision_cpu_ext.disabled():
+                        fwd = (
+                            torch.ops.torchvision_cpu_ext._roi_align_mixed
+                            if mixed
+                            else getattr(torch.ops.torchvision, case.op)
+                        )
+                        out = fwd(*fwd_args)
                     env = {
                         "torch": torch,
                         "x": x,
                         "g": grad32.to(dtype).contiguous(memory_format=fmt),
                         "aux": out[1] if isinstance(out, tuple) else None,
-                        "rois": rois,
+                        "rois": r,
                         "s": case.scale,
                         "p": p,
                         "sr": case.sampling_ratio,
@@ -319,7 +326,7 @@ def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes, line_
                         "w": w,
                     }
                     del out
-                    configs.append((impl, stmt, env))
+                    configs.append((impl, op_stmt if mixed else stmt, env))
                     labels.append((impl, layout, dtype, x))
         floor_of = {}  # (layout, dtype) -> its line-read floor's configuration, after the labelled ones
         if line_floor and direction == "forward":
