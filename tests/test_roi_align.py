@@ -280,11 +280,16 @@ class TestAutocast:
         assert torch.equal(out, roi_align(x, make_rois(), POOLED, SCALE, 2, True))
 
     def test_autocast_backward(self):
+        """The mixed op's autograd: a bfloat16 gradient, the float32 computation's within bf16."""
         x = make_input(torch.bfloat16, "channels_last", True).requires_grad_()
+        g = torch.randn(make_rois().shape[0], C, *POOLED, generator=torch.Generator().manual_seed(1))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = roi_align(x, make_rois(), POOLED, SCALE, 2, True)
-        out.float().sum().backward()
+        out.backward(g.bfloat16())
         assert x.grad.dtype == torch.bfloat16
+        x32 = x.detach().float().requires_grad_()
+        roi_align(x32, make_rois(), POOLED, SCALE, 2, True).backward(g.bfloat16().float())
+        torch.testing.assert_close(x.grad.float(), x32.grad, **TOL[torch.bfloat16])
 
     def test_under_torch_compile(self):
         x = make_input(torch.bfloat16, "channels_last", True)
