@@ -24,10 +24,27 @@ pytestmark = pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kerne
 def test_bench_case_runs(op):
     channels = 2 * 3 * 3 if op.startswith("ps_") else 8
     case = bench_ops.Case(op, f"tiny {op}", (2, channels, 12, 14), 6, 0.25, 3)
-    rows = bench_ops.bench_case(case, 1, 0.001, ["nchw", "channels_last"], [torch.float32, torch.bfloat16])
-    # torchvision (fp32 only) and ours (fp32, bf16), both layouts, forward and backward.
-    assert len(rows) == 2 * (2 + 4)
-    assert all(r["ms"] > 0 and r["speedup_vs_torchvision_fp32_nchw"] > 0 for r in rows)
+    layouts, dtypes = ["nchw", "channels_last"], [torch.float32, torch.bfloat16]
+    rows = bench_ops.bench_case(case, 1, 0.001, layouts, dtypes)
+    # torchvision (fp32 only) and ours (every dtype), every layout, forward and backward: once each.
+    expected = {
+        (d, impl, lay, str(dt)[6:])
+        for d in ("forward", "backward")
+        for impl, dts in (("torchvision", dtypes[:1]), ("ours", dtypes))
+        for lay in layouts
+        for dt in dts
+    }
+    keys = [(r["direction"], r["impl"], r["layout"], r["dtype"]) for r in rows]
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    # Each speedup divides the same direction's torchvision NCHW float32 time by the row's.
+    base = {
+        r["direction"]: r["ms"]
+        for r in rows
+        if (r["impl"], r["layout"], r["dtype"]) == ("torchvision", "nchw", "float32")
+    }
+    for r in rows:
+        assert r["ms"] > 0
+        assert r["speedup_vs_torchvision_fp32_nchw"] == pytest.approx(base[r["direction"]] / r["ms"], rel=1e-9)
 
 
 def test_bench_case_line_floor():

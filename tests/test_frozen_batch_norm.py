@@ -57,13 +57,21 @@ def float64_reference(m: FrozenBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
 
 def test_module_forward_is_ours_while_enabled():
     assert FrozenBatchNorm2d.forward is fbn.forward
-    if not NATIVE:
-        return  # fallback configuration: there is no torchvision kernel set to go back to
-    torchvision_cpu_ext.disable()
-    try:
+
+
+@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
+def test_disable_gives_torchvisions_forward_back():
+    with torchvision_cpu_ext.disabled():
         assert FrozenBatchNorm2d.forward is not fbn.forward
-    finally:
-        torchvision_cpu_ext.enable()
+    assert FrozenBatchNorm2d.forward is fbn.forward
+
+
+@pytest.mark.skipif(NATIVE, reason="only without torchvision's compiled ops")
+def test_fallback_keeps_the_fused_forward():
+    """Without torchvision's compiled ops there is nothing to give back: disable() refuses and
+    the module keeps our forward."""
+    with pytest.raises(RuntimeError, match="no torchvision kernels to give back"):
+        torchvision_cpu_ext.disable()
     assert FrozenBatchNorm2d.forward is fbn.forward
 
 
