@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,7 +52,11 @@ def test_our_kernels_are_dispatched():
 def test_variant_matches_aten_capability():
     lib = torchvision_cpu_ext.loaded_library()
     cap = torch.backends.cpu.get_cpu_capability()
-    assert lib.isa == (cap if cap in _build.ISA_FLAGS else "DEFAULT")
+    want = cap if cap in _build.ISA_FLAGS else "DEFAULT"
+    # A prebuilt lower variant is taken before a JIT build of ATen's own (an install built with
+    # TORCHVISION_CPU_EXT_VARIANTS); the JIT builds ATen's own.
+    lower = _build.ISA_ORDER[_build.ISA_ORDER.index(want) :]
+    assert lib.isa in lower if lib.how == "prebuilt" else lib.isa == want
     # What the library itself was compiled for, not what the loader meant to load.
     assert torch.ops.torchvision_cpu_ext._capability() == lib.isa
     assert _build.library_name(lib.isa, torch.__version__) in Path(lib.path).name
@@ -177,3 +182,23 @@ def test_library_name_tracks_sources_flags_and_versions(monkeypatch):
     assert _build.library_name("AVX512", "2.13.0+cpu") != base
     monkeypatch.setattr(_build, "COMMON_FLAGS", _build.COMMON_FLAGS + ["-DSOMETHING_ELSE"])
     assert _build.library_name("AVX512", "2.14.1+cu130") != base
+
+
+def test_installed_package_names_libraries_from_its_manifest(monkeypatch, tmp_path):
+    live = {isa: _build.library_name(isa, "2.14.1+cu130") for isa in _build.ISA_ORDER}
+    manifest = tmp_path / "_prebuilt.json"
+    manifest.write_text(json.dumps(_build.manifest("2.14.1+cu130", ["AVX2"])))
+    # What a wheel looks like: no checkout sources next to the package, a manifest in it.
+    monkeypatch.setattr(_build, "CSRC", tmp_path / "no-csrc")
+    monkeypatch.setattr(_build, "PACKAGED_CSRC", tmp_path / "no-csrc-either")
+    monkeypatch.setattr(_build, "MANIFEST", manifest)
+    assert _build.source_dir() is None
+    assert {isa: _build.library_name(isa, "2.14.1+cu130") for isa in _build.ISA_ORDER} == live
+
+
+def test_variants_to_build():
+    assert _build.variants_to_build(None) == _build.ISA_ORDER
+    assert _build.variants_to_build("") == _build.ISA_ORDER
+    assert _build.variants_to_build("default, avx512") == ["AVX512", "DEFAULT"]
+    with pytest.raises(ValueError, match="unknown variant.*SSE4"):
+        _build.variants_to_build("AVX2,SSE4")
