@@ -15,7 +15,7 @@ from conftest import NATIVE
 from torchvision.ops import roi_align
 
 import torchvision_cpu_ext
-from torchvision_cpu_ext import _build
+from torchvision_cpu_ext import _build, _loader
 from torchvision_cpu_ext._info import cpu_kernel_owner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +116,35 @@ def test_env_var_imports_without_override():
     assert out.split() == (["False", "torchvision"] if NATIVE else ["True", "torchvision_cpu_ext"])
 
 
+def test_import_prints_nothing():
+    # conftest's import built or found this variant's library: importing again must be silent
+    # (torch.utils.cpp_extension logs "No CUDA runtime is found" when it is imported).
+    lib = torchvision_cpu_ext.loaded_library()
+    env = {k: v for k, v in os.environ.items() if k != "TORCHVISION_CPU_EXT_VERBOSE"}
+    code = "import torchvision_cpu_ext as t; assert t.loaded_library().how in ('prebuilt', 'jit-cache')"
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    assert (res.stdout, res.stderr) == ("", "")
+    if lib.how == "prebuilt":
+        return
+    # A cache entry a build of this loader did not finish (no stamp) goes through
+    # cpp_extension, whose ninja finds it up to date: still nothing printed.
+    stamp = Path(lib.path).parent / _loader._BUILT_STAMP
+    stamp.unlink(missing_ok=True)
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)}, timeout=600
+    )
+    assert res.returncode == 0, res.stderr
+    assert (res.stdout, res.stderr) == ("", "")
+    assert stamp.is_file()
+
+
 def test_info_command():
     out = run_python("import runpy; runpy.run_module('torchvision_cpu_ext.info', run_name='__main__')")
     assert f"torch {torch.__version__}" in out
@@ -160,8 +189,6 @@ def test_detection_model_runs_on_our_kernels():
 
 def test_missing_toolchain_gives_actionable_errors(monkeypatch):
     from torch.utils import cpp_extension
-
-    from torchvision_cpu_ext import _loader
 
     def no_ninja():
         raise RuntimeError("Ninja is required to load C++ extensions")

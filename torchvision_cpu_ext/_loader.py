@@ -1,24 +1,31 @@
 """Finds or builds the kernel library for this torch version and CPU capability, and loads it.
 
 Order: the best prebuilt variant this CPU runs (made by setup.py, next to this file), else a
-JIT build of ATen's own variant with torch.utils.cpp_extension (cached; rebuilt by it when a
-source changes).
+JIT build of ATen's own variant with torch.utils.cpp_extension, cached and loaded directly
+from the cache once a build of the same name has completed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from . import _build
 
 PKG_DIR = Path(__file__).resolve().parent
+
+# Written next to a cached library once cpp_extension.load returned it: the library is then
+# complete (a concurrent build links in place) and, as its name carries the digest of its
+# sources and flags, up to date.
+_BUILT_STAMP = ".built"
 
 
 @dataclass(frozen=True)
@@ -46,9 +53,27 @@ def _cache_dir(name: str) -> Path:
     return Path(root) / name
 
 
-def _check_toolchain(why: str = "") -> None:
-    from torch.utils import cpp_extension
+class _DropNoCudaRuntime(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
 
+
+def _cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported without its `No CUDA runtime is found, using
+    CUDA_HOME=...` warning, which it logs on import where a CUDA toolkit is installed but no GPU
+    is visible: we build CPU code only. The filter holds that one message, during that import."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    drop = _DropNoCudaRuntime()
+    log.addFilter(drop)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.removeFilter(drop)
+    return cpp_extension
+
+
+def _check_toolchain(why: str = "") -> None:
+    cpp_extension = _cpp_extension()
     try:
         cpp_extension.verify_ninja_availability()
     except RuntimeError as e:
@@ -94,9 +119,12 @@ def load() -> Loaded:
     name = _build.library_name(isa, torch.__version__, _build.source_hash(isa, csrc))
     build_dir = _cache_dir(name)
     target = build_dir / f"{name}.so"
-    _check_toolchain(_no_prebuilt_reason(isa))
-    from torch.utils import cpp_extension
+    if (build_dir / _BUILT_STAMP).is_file() and target.is_file():
+        torch.ops.load_library(str(target))
+        return Loaded(isa, str(target), "jit-cache")
 
+    _check_toolchain(_no_prebuilt_reason(isa))
+    cpp_extension = _cpp_extension()
     build_dir.mkdir(parents=True, exist_ok=True)
     before = target.stat().st_mtime_ns if target.exists() else None
     t0 = time.perf_counter()
@@ -111,6 +139,7 @@ def load() -> Loaded:
         verbose=bool(os.environ.get("TORCHVISION_CPU_EXT_VERBOSE")),
     )
     path = str(path) if path else str(target)
+    (build_dir / _BUILT_STAMP).touch()
     built = not target.exists() or target.stat().st_mtime_ns != before
     if built:
         print(
