@@ -35,7 +35,9 @@ run() {  # run NAME VENV CAPABILITY
   fi
 }
 
-run native-best "$native" "" "$@"
+# Once per CI run, not per configuration: build a wheel (one variant), install it in a fresh
+# environment and load its prebuilt kernels without a compiler (tests/test_wheel.py).
+TORCHVISION_CPU_EXT_WHEEL_TEST=1 run native-best "$native" "" "$@"
 run native-avx2 "$native" avx2 "$@"
 run native-default "$native" default "$@"
 run fallback-best "$fallback" "" "$@"
