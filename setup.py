@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_py import build_py
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
@@ -31,7 +31,7 @@ VARIANTS = _build.variants_to_build(os.environ.get(_build.VARIANTS_ENV))
 class PerVariantBuild(BuildExtension):
     """Each variant compiles the same sources with other flags: give each its own object dir."""
 
-    def build_extension(self, ext):
+    def build_extension(self, ext: Extension) -> None:
         base = self.build_temp
         self.build_temp = str(Path(base) / ext.name)
         try:
@@ -44,7 +44,7 @@ class BuildPyWithManifest(build_py):
     """Adds the manifest and the copy of the sources to a built package. An editable install
     runs from the checkout, which hashes and compiles its live csrc/ instead."""
 
-    def run(self):
+    def run(self) -> None:
         super().run()
         if getattr(self, "editable_mode", False):
             return
