@@ -1,16 +1,23 @@
-"""Ahead-of-time build: `pip install --no-build-isolation -e .` (torch must already be installed).
+"""Ahead-of-time build: `pip install --no-build-isolation .`, `pip wheel --no-build-isolation .`
+or `pip install --no-build-isolation -e .` (torch must already be installed).
 
-Builds every ISA variant from the same source and flag lists the JIT loader uses
-(torchvision_cpu_ext/_build.py), each as a library named after the torch version and ISA, next
-to the package; importing the package then loads the best variant the CPU supports. Nothing
-here uses -march=native.
+Builds every ISA variant (or those named in TORCHVISION_CPU_EXT_VARIANTS, e.g. `AVX2,DEFAULT`)
+from the same source and flag lists the JIT loader uses (torchvision_cpu_ext/_build.py), each
+as a library named after the torch version, ISA and source digest, next to the package;
+importing the package then loads the best variant the CPU runs. A built (non-editable) package
+also gets the digests (_build.MANIFEST), since it has no csrc/ to hash, and a copy of the
+sources for a JIT build where no variant fits. Nothing here uses -march=native.
 """
 
 import importlib.util
+import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_py import build_py
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = Path(__file__).resolve().parent
@@ -18,11 +25,13 @@ _spec = importlib.util.spec_from_file_location("_tvce_build", ROOT / "torchvisio
 _build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_build)
 
+VARIANTS = _build.variants_to_build(os.environ.get(_build.VARIANTS_ENV))
+
 
 class PerVariantBuild(BuildExtension):
     """Each variant compiles the same sources with other flags: give each its own object dir."""
 
-    def build_extension(self, ext):
+    def build_extension(self, ext: Extension) -> None:
         base = self.build_temp
         self.build_temp = str(Path(base) / ext.name)
         try:
@@ -31,16 +40,34 @@ class PerVariantBuild(BuildExtension):
             self.build_temp = base
 
 
+class BuildPyWithManifest(build_py):
+    """Adds the manifest and the copy of the sources to a built package. An editable install
+    runs from the checkout, which hashes and compiles its live csrc/ instead."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        pkg = Path(self.build_lib) / "torchvision_cpu_ext"
+        manifest = _build.manifest(torch.__version__, VARIANTS)
+        (pkg / _build.MANIFEST.name).write_text(json.dumps(manifest, indent=1) + "\n")
+        dest = pkg / _build.PACKAGED_CSRC.relative_to(_build.PKG_DIR)
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        for path in _build.sources(_build.CSRC) + _build.headers(_build.CSRC):
+            shutil.copy2(path, dest)
+
+
 ext_modules = [
     CppExtension(
-        name=f"torchvision_cpu_ext.{_build.library_name(isa, torch.__version__)}",
-        sources=[str(Path(s).relative_to(ROOT)) for s in _build.sources()],
+        name=f"torchvision_cpu_ext.{_build.library_name(isa, torch.__version__, _build.source_hash(isa, _build.CSRC))}",
+        sources=[str(Path(s).relative_to(ROOT)) for s in _build.sources(_build.CSRC)],
         include_dirs=[str(_build.CSRC)],
-        extra_compile_args=_build.cflags(isa),
-        extra_link_args=list(_build.LDFLAGS),
+        extra_compile_args=_build.cflags(isa) + _build.AOT_CFLAGS,
+        extra_link_args=_build.LDFLAGS + _build.AOT_LDFLAGS,
         py_limited_api=False,
     )
-    for isa in _build.ISA_ORDER
+    for isa in VARIANTS
 ]
 
 setup(
@@ -52,5 +79,5 @@ setup(
     install_requires=["torch", "torchvision", "ninja", "numpy"],
     extras_require={"test": ["pytest", "hypothesis", "expecttest"]},
     ext_modules=ext_modules,
-    cmdclass={"build_ext": PerVariantBuild.with_options(use_ninja=True)},
+    cmdclass={"build_py": BuildPyWithManifest, "build_ext": PerVariantBuild.with_options(use_ninja=True)},
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from conftest import NATIVE
 from torchvision.ops import roi_align
 
 import torchvision_cpu_ext
-from torchvision_cpu_ext import _build
+from torchvision_cpu_ext import _build, _loader
 from torchvision_cpu_ext._info import cpu_kernel_owner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +52,11 @@ def test_our_kernels_are_dispatched():
 def test_variant_matches_aten_capability():
     lib = torchvision_cpu_ext.loaded_library()
     cap = torch.backends.cpu.get_cpu_capability()
-    assert lib.isa == (cap if cap in _build.ISA_FLAGS else "DEFAULT")
+    want = cap if cap in _build.ISA_FLAGS else "DEFAULT"
+    # A prebuilt lower variant is taken before a JIT build of ATen's own (an install built with
+    # TORCHVISION_CPU_EXT_VARIANTS); the JIT builds ATen's own.
+    lower = _build.ISA_ORDER[_build.ISA_ORDER.index(want) :]
+    assert lib.isa in lower if lib.how == "prebuilt" else lib.isa == want
     # What the library itself was compiled for, not what the loader meant to load.
     assert torch.ops.torchvision_cpu_ext._capability() == lib.isa
     assert _build.library_name(lib.isa, torch.__version__) in Path(lib.path).name
@@ -111,6 +116,42 @@ def test_env_var_imports_without_override():
     assert out.split() == (["False", "torchvision"] if NATIVE else ["True", "torchvision_cpu_ext"])
 
 
+def quiet_run(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TORCHVISION_CPU_EXT_VERBOSE"}
+    if env.get("ATEN_CPU_CAPABILITY") == "":
+        del env["ATEN_CPU_CAPABILITY"]  # empty: torch warns on import; unset means the same
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)}, timeout=600
+    )
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def test_import_prints_nothing():
+    # conftest's import built or found this variant's library: importing again loads it without
+    # torch.utils.cpp_extension (which logs "No CUDA runtime is found" on import where a CUDA
+    # toolkit is installed but no GPU is visible), and prints nothing.
+    res = quiet_run(
+        "import sys, torchvision_cpu_ext as t\n"
+        "assert t.loaded_library().how in ('prebuilt', 'jit-cache')\n"
+        "assert 'torch.utils.cpp_extension' not in sys.modules"
+    )
+    assert (res.stdout, res.stderr) == ("", "")
+
+
+def test_cpp_extension_imported_without_its_cuda_warning():
+    # Where a build runs the loader imports cpp_extension: without that warning, and only that
+    # import is filtered (a later record of the same logger passes).
+    res = quiet_run(
+        "import logging, torchvision_cpu_ext\n"
+        "torchvision_cpu_ext._loader._cpp_extension()\n"
+        "logging.getLogger('torch.utils.cpp_extension').warning('No CUDA runtime is found: later')"
+    )
+    assert res.stdout == ""
+    assert "No CUDA runtime is found" not in res.stderr.replace("No CUDA runtime is found: later", "")
+    assert "No CUDA runtime is found: later" in res.stderr
+
+
 def test_info_command():
     out = run_python("import runpy; runpy.run_module('torchvision_cpu_ext.info', run_name='__main__')")
     assert f"torch {torch.__version__}" in out
@@ -156,8 +197,6 @@ def test_detection_model_runs_on_our_kernels():
 def test_missing_toolchain_gives_actionable_errors(monkeypatch):
     from torch.utils import cpp_extension
 
-    from torchvision_cpu_ext import _loader
-
     def no_ninja():
         raise RuntimeError("Ninja is required to load C++ extensions")
 
@@ -177,3 +216,23 @@ def test_library_name_tracks_sources_flags_and_versions(monkeypatch):
     assert _build.library_name("AVX512", "2.13.0+cpu") != base
     monkeypatch.setattr(_build, "COMMON_FLAGS", _build.COMMON_FLAGS + ["-DSOMETHING_ELSE"])
     assert _build.library_name("AVX512", "2.14.1+cu130") != base
+
+
+def test_installed_package_names_libraries_from_its_manifest(monkeypatch, tmp_path):
+    live = {isa: _build.library_name(isa, "2.14.1+cu130") for isa in _build.ISA_ORDER}
+    manifest = tmp_path / "_prebuilt.json"
+    manifest.write_text(json.dumps(_build.manifest("2.14.1+cu130", ["AVX2"])))
+    # What a wheel looks like: no checkout sources next to the package, a manifest in it.
+    monkeypatch.setattr(_build, "CSRC", tmp_path / "no-csrc")
+    monkeypatch.setattr(_build, "PACKAGED_CSRC", tmp_path / "no-csrc-either")
+    monkeypatch.setattr(_build, "MANIFEST", manifest)
+    assert _build.source_dir() is None
+    assert {isa: _build.library_name(isa, "2.14.1+cu130") for isa in _build.ISA_ORDER} == live
+
+
+def test_variants_to_build():
+    assert _build.variants_to_build(None) == _build.ISA_ORDER
+    assert _build.variants_to_build("") == _build.ISA_ORDER
+    assert _build.variants_to_build("default, avx512") == ["AVX512", "DEFAULT"]
+    with pytest.raises(ValueError, match="unknown variant.*SSE4"):
+        _build.variants_to_build("AVX2,SSE4")

@@ -1,23 +1,31 @@
 """Finds or builds the kernel library for this torch version and CPU capability, and loads it.
 
-Order: a prebuilt library next to this file (made by setup.py), else a JIT build with
-torch.utils.cpp_extension (cached; rebuilt by it when a source changes).
+Order: the best prebuilt variant this CPU runs (made by setup.py, next to this file), else a
+JIT build of ATen's own variant with torch.utils.cpp_extension, cached and loaded directly
+from the cache once a build of the same name has completed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from . import _build
 
 PKG_DIR = Path(__file__).resolve().parent
+
+# Written next to a cached library once cpp_extension.load returned it: the library is then
+# complete (a concurrent build links in place) and, as its name carries the digest of its
+# sources and flags, up to date.
+_BUILT_STAMP = ".built"
 
 
 @dataclass(frozen=True)
@@ -42,55 +50,96 @@ def _cache_dir(name: str) -> Path:
     root = os.environ.get("TORCHVISION_CPU_EXT_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "torchvision_cpu_ext"
     )
-    path = Path(root) / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(root) / name
 
 
-def _check_toolchain() -> None:
-    from torch.utils import cpp_extension
+class _DropNoCudaRuntime(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
 
+
+def _cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported without its `No CUDA runtime is found, using
+    CUDA_HOME=...` warning, which it logs on import where a CUDA toolkit is installed but no GPU
+    is visible: we build CPU code only. The filter holds that one message, during that import."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    drop = _DropNoCudaRuntime()
+    log.addFilter(drop)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.removeFilter(drop)
+    return cpp_extension
+
+
+def _check_toolchain(why: str = "") -> None:
+    cpp_extension = _cpp_extension()
     try:
         cpp_extension.verify_ninja_availability()
     except RuntimeError as e:
         raise RuntimeError(
-            "torchvision_cpu_ext needs ninja to JIT-build its kernels: `pip install ninja` "
-            "(or build ahead of time with `pip install --no-build-isolation -e .`)"
+            f"{why}torchvision_cpu_ext needs ninja to JIT-build its kernels: `pip install ninja` "
+            "(or build ahead of time with `pip install --no-build-isolation .`)"
         ) from e
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise RuntimeError(
-            f"torchvision_cpu_ext needs a C++17 compiler to JIT-build its kernels, and `{cxx}` "
+            f"{why}torchvision_cpu_ext needs a C++17 compiler to JIT-build its kernels, and `{cxx}` "
             "was not found: install one (e.g. `apt-get install g++`) or set CXX"
         )
 
 
+def _no_prebuilt_reason(isa: str) -> str:
+    """Why an installed (not checked-out) package has to build: said before any toolchain error."""
+    manifest = _build.read_manifest()
+    if manifest is None:
+        return ""
+    return (
+        f"The prebuilt kernels of this install are for torch {manifest['torch']}, variants "
+        f"{', '.join(manifest['variants']) or 'none'}; none fits torch {torch.__version__} with CPU "
+        f"capability {isa}. Reinstall torchvision-cpu-ext for this torch and CPU, or: "
+    )
+
+
 def load() -> Loaded:
     isa = cpu_variant()
-    name = _build.library_name(isa, torch.__version__)
-    pre = _prebuilt(name)
-    if pre is not None:
-        torch.ops.load_library(str(pre))
-        return Loaded(isa, str(pre), "prebuilt")
+    # A lower variant runs on this CPU too, and needs no compiler.
+    for variant in _build.ISA_ORDER[_build.ISA_ORDER.index(isa) :]:
+        pre = _prebuilt(_build.library_name(variant, torch.__version__))
+        if pre is not None:
+            torch.ops.load_library(str(pre))
+            return Loaded(variant, str(pre), "prebuilt")
 
-    _check_toolchain()
-    from torch.utils import cpp_extension
-
+    csrc = _build.source_dir()
+    if csrc is None:
+        raise RuntimeError(
+            f"{_no_prebuilt_reason(isa)}torchvision_cpu_ext has no kernel sources to build from "
+            f"(looked in {_build.CSRC} and {_build.PACKAGED_CSRC})"
+        )
+    name = _build.library_name(isa, torch.__version__, _build.source_hash(isa, csrc))
     build_dir = _cache_dir(name)
     target = build_dir / f"{name}.so"
+    if (build_dir / _BUILT_STAMP).is_file() and target.is_file():
+        torch.ops.load_library(str(target))
+        return Loaded(isa, str(target), "jit-cache")
+
+    _check_toolchain(_no_prebuilt_reason(isa))
+    cpp_extension = _cpp_extension()
+    build_dir.mkdir(parents=True, exist_ok=True)
     before = target.stat().st_mtime_ns if target.exists() else None
     t0 = time.perf_counter()
     path = cpp_extension.load(
         name=name,
-        sources=_build.sources(),
+        sources=_build.sources(csrc),
         extra_cflags=_build.cflags(isa),
         extra_ldflags=list(_build.LDFLAGS),  # cpp_extension appends to the list it is given
-        extra_include_paths=[str(_build.CSRC)],
+        extra_include_paths=[str(csrc)],
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=bool(os.environ.get("TORCHVISION_CPU_EXT_VERBOSE")),
     )
     path = str(path) if path else str(target)
+    (build_dir / _BUILT_STAMP).touch()
     built = not target.exists() or target.stat().st_mtime_ns != before
     if built:
         print(
