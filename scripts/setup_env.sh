@@ -13,7 +13,7 @@ case "$config" in
   fallback) venv="$root/.venv-fallback" ;;
   *) echo "usage: $0 [native|fallback]" >&2; exit 2 ;;
 esac
-common=(ninja numpy pytest hypothesis expecttest ruff)
+common=(ninja numpy pytest pytest-xdist hypothesis expecttest ruff)
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv" >&2
 fi
