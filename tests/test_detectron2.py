@@ -127,14 +127,16 @@ def stand_in(tmp_path, monkeypatch):
     (tmp_path / f"{name}.py").write_text(STAND_IN)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, name, raising=False)
-    torchvision_cpu_ext.disable() if NATIVE else None
+    # The detectron2 part of enable() / disable() directly: in the fallback configuration
+    # disable() refuses, and each test needs a fresh patch of its own stand-in module.
+    fbn._unregister_d2()
     monkeypatch.setattr(fbn, "D2_MODULE", name)
-    torchvision_cpu_ext.enable()  # the hook now watches the stand-in
+    fbn._register_d2()  # the hook now watches the stand-in
     yield name
-    torchvision_cpu_ext.disable() if NATIVE else None
+    fbn._unregister_d2()
     monkeypatch.undo()
     sys.modules.pop(name, None)
-    torchvision_cpu_ext.enable()
+    fbn._register_d2()
 
 
 def test_import_hook_patches_on_import_and_disable_restores(stand_in):
