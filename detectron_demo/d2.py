@@ -1,15 +1,24 @@
-"""--backend detectron2: detectron2's own model-zoo R50-FPN, when detectron2 is importable.
+"""--backend detectron2: detectron2's own model-zoo R50-FPN (Faster or Mask R-CNN), random weights.
 
-detectron2 is not on this machine's package registry, so this path has not been run here; it is
-written against detectron2's public API (model_zoo.get_config, modeling.build_model, the
-Instances output) and calibrated the same way as the torchvision model (detectron_demo/model.py):
-frozen batch norm set to its input's statistics, objectness standardised per level, the box
-score threshold set for ~1000 candidates per image. Its ROIAlign calls torchvision.ops.roi_align
-(ROIAlignV2: aligned, adaptive sampling) and its NMS torchvision.ops.batched_nms, so the
-package serves it through the same dispatcher registrations.
+Needs detectron2 importable (see the README: it is built from source, not on PyPI). The model is
+detectron2's `COCO-Detection/faster_rcnn_R_50_FPN_1x` (or `COCO-InstanceSegmentation/
+mask_rcnn_R_50_FPN_1x`) config, read by path from the configs installed with detectron2, built
+with `detectron2.modeling.build_model` and calibrated as the torchvision model is
+(detectron_demo/model.py): frozen batch norm set to its input's statistics, objectness
+standardised per FPN level, the box score threshold set for ~1000 candidates per image. Images
+go in as detectron2 takes them (BGR, 0-255, already at test size) and its Instances come back as
+torchvision's dicts, so run.py times and checks both backends alike.
+
+What the package serves here: detectron2's ROIAlign calls torchvision.ops.roi_align per FPN level
+(aligned, adaptive sampling), its RPN and box head torchvision.ops.batched_nms (float32 boxes,
+scores in the autocast dtype), both through the dispatcher registrations; its own
+FrozenBatchNorm2d (F.batch_norm on frozen statistics) is patched by the package to the fused op
+with F.batch_norm's rounding (torchvision_cpu_ext/ops/frozen_batch_norm.py).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +55,26 @@ class Detectron2Model(nn.Module):
         return out
 
 
+def model_zoo_config(name: str):
+    """detectron2's model-zoo yaml config `name`, read by path from the configs installed with the
+    package (what model_zoo.get_config does for a yaml file, without its pkg_resources lookup,
+    which fails where setuptools no longer ships pkg_resources)."""
+    import detectron2
+    from detectron2.config import get_cfg
+
+    path = Path(detectron2.__file__).resolve().parent / "model_zoo" / "configs" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"detectron2's model-zoo config {name} is not installed at {path}")
+    cfg = get_cfg()
+    cfg.merge_from_file(str(path))
+    return cfg
+
+
 def build_model(kind: str = "faster_rcnn", seed: int = 0) -> Detectron2Model:
-    from detectron2 import model_zoo
     from detectron2.modeling import build_model as d2_build_model
 
     torch.manual_seed(seed)
-    cfg = model_zoo.get_config(CONFIGS[kind])
+    cfg = model_zoo_config(CONFIGS[kind])
     cfg.MODEL.DEVICE = "cpu"
     model = d2_build_model(cfg).eval()
     rpn = model.proposal_generator

@@ -320,9 +320,10 @@ def detectron2_or_exit() -> None:
         import detectron2  # noqa: F401
     except ImportError:
         sys.exit(
-            "detectron_demo: --backend detectron2 needs detectron2, which is not importable here (it is not on "
-            "this machine's package registry). Use the default --backend torchvision: the same R50-FPN "
-            "architecture built from torchvision's detection models."
+            "detectron_demo: --backend detectron2 needs detectron2, which is not importable here. It is built "
+            "from source (README, 'detectron2'): pip install 'git+https://github.com/facebookresearch/detectron2.git' "
+            "--no-build-isolation. Or use the default --backend torchvision: the same R50-FPN architecture built "
+            "from torchvision's detection models."
         )
 
 

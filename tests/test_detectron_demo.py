@@ -100,3 +100,19 @@ def test_quick_run(tmp_path):
     stock, ours = report["profiles"]
     assert stock["roi_align_share"] > 0 and stock["frozen_batch_norm_share"] == 0
     assert ours["frozen_batch_norm_share"] > 0
+
+
+@pytest.mark.skipif(not NATIVE, reason="the demo compares with torchvision's kernels, which did not load")
+@pytest.mark.parametrize("kind", ["faster_rcnn", "mask_rcnn"])
+def test_detectron2_quick_run(tmp_path, kind):
+    """detectron2's own model (skipped where detectron2 is not importable, as in CI)."""
+    pytest.importorskip("detectron2.modeling")
+    argv = ["--backend", "detectron2", "--model", kind, "--quick", "--size", *map(str, SIZE)]
+    report = demo_run.main([*argv, "--out", str(tmp_path), "--no-progress"])
+    assert report["meta"]["backend"] == "detectron2" and report["workload"][1]["detections"] == [100]
+    fp32 = [c for c in report["correctness"] if c["dtype"] == "fp32"]
+    assert len(fp32) == 2 and all(c["ok"] for c in fp32), fp32
+    bf16 = [c for c in report["correctness"] if c["dtype"] == "bf16"]
+    assert len(bf16) == 2 and all(c["detections"] > 0 for c in bf16), bf16  # ran under autocast
+    stock, ours = report["profiles"]  # detectron2's FrozenBatchNorm2d runs the fused op with the package
+    assert stock["frozen_batch_norm_share"] == 0 and ours["frozen_batch_norm_share"] > 0

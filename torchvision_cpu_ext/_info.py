@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import sys
 from typing import Any
 
 import torch
@@ -36,10 +37,15 @@ def python_paths() -> dict[str, str]:
     def owner(fn: object, ours: object) -> str:
         return "torchvision_cpu_ext" if fn is ours else "torchvision"
 
-    return {
+    paths = {
         "FrozenBatchNorm2d.forward": owner(misc.FrozenBatchNorm2d.forward, frozen_batch_norm.forward),
         "boxes._batched_nms_vanilla": owner(boxes._batched_nms_vanilla, nms.batched_nms_vanilla),
     }
+    d2 = sys.modules.get(frozen_batch_norm.D2_MODULE)  # listed once detectron2 is imported
+    if d2 is not None:
+        ours = frozen_batch_norm.is_d2_forward(d2.FrozenBatchNorm2d.forward)
+        paths["detectron2 FrozenBatchNorm2d.forward"] = "torchvision_cpu_ext" if ours else "detectron2"
+    return paths
 
 
 def _cpu_model() -> str:

@@ -14,7 +14,23 @@ precision input's dtype for the output, so a backbone stays in bfloat16 between 
 instead of switching to float32 after every batch norm (a deliberate difference from
 torchvision, whose expression returns float32 there: the residual additions after it then run in
 bfloat16 too). With grad mode on, torchvision's expression and its float32 output are kept.
+
+detectron2's own `detectron2.layers.FrozenBatchNorm2d` gets the same while the override is on:
+its inference forward is `F.batch_norm(..., training=False)`, whose ATen kernel rounds its own
+way, so the op runs with `as_batch_norm=True` and gives F.batch_norm's values bit for bit (see
+NOTE [ frozen_batch_norm ]), in the input's dtype as F.batch_norm does (under autocast too: it
+has no autocast rule, so a bfloat16 backbone stays in bfloat16 there, as it does without the
+package). With grad mode on, an input that requires grad (detectron2 then runs its own
+expression), TorchScript, or inputs F.batch_norm would run differently (strides other than dense
+NCHW / channels_last, other dtypes), detectron2's own forward runs. detectron2 is never imported
+here: enable() patches the class if `detectron2.layers.batch_norm` is already imported, else an
+import hook patches it when it is; disable() restores detectron2's forward and removes the hook.
 """
+
+import functools
+import importlib.abc
+import sys
+import types
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -22,7 +38,16 @@ from torch import Tensor
 
 from ._common import AUTOCAST_CPU_KEYS, empty_like_layout
 
-_state: dict[str, object] = {"original": None, "lib": None}
+_state: dict[str, object] = {
+    "original": None,
+    "lib": None,
+    "d2_class": None,
+    "d2_original": None,
+    "d2_forward": None,
+    "d2_hook": None,
+}
+
+D2_MODULE = "detectron2.layers.batch_norm"
 
 
 _FUSED_INPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -65,7 +90,112 @@ def forward(self, x: Tensor) -> Tensor:
     return x * scale + bias
 
 
-def _fake(input, weight, bias, running_mean, running_var, eps, dtype=None):
+def d2_use_fused(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor) -> bool:
+    """Whether the fused op with as_batch_norm=True gives exactly what detectron2's forward gives:
+    use_fused's conditions, an input that does not require grad (detectron2 switches to its own
+    expression then), dense in NCHW or channels_last, and the dtypes F.batch_norm takes as one
+    kernel (buffers of the input's dtype, or float32 buffers with a bfloat16/float16 input)."""
+    if x.requires_grad or not use_fused(x, weight, bias, running_mean, running_var):
+        return False
+    if not (weight.dtype == x.dtype or x.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    return all(b.is_contiguous() for b in (weight, bias, running_mean, running_var))
+
+
+def make_d2_forward(original):
+    """detectron2.layers.FrozenBatchNorm2d.forward while the override is on: detectron2's results
+    bit for bit (F.batch_norm's), in one pass for the inference inputs d2_use_fused takes, else
+    `original` (detectron2's forward) itself.
+
+    TorchScript compiles a method from its source, and a scripted detectron2 model must not
+    depend on this package: the function made here reads only its closure, carries detectron2's
+    globals and wraps `original` (`__wrapped__`, which inspect.getsourcelines follows), so
+    torch.jit.script compiles detectron2's own forward, resolving its names as detectron2 does."""
+    op = torch.ops.torchvision_cpu_ext.frozen_batch_norm
+    use_fused_ = d2_use_fused
+    is_scripting = torch.jit.is_scripting
+
+    def forward(self, x):
+        if not is_scripting() and use_fused_(x, self.weight, self.bias, self.running_mean, self.running_var):
+            return op(x, self.weight, self.bias, self.running_mean, self.running_var, float(self.eps), x.dtype, True)
+        return original(self, x)
+
+    fn = types.FunctionType(forward.__code__, original.__globals__, "forward", None, forward.__closure__)
+    return functools.update_wrapper(fn, original)
+
+
+def is_d2_forward(fn) -> bool:
+    """Whether `fn` is the forward patch_d2 put on detectron2's class."""
+    return fn is not None and fn is _state["d2_forward"]
+
+
+def patch_d2(module) -> None:
+    """Puts make_d2_forward's forward on `module`'s (detectron2.layers.batch_norm's)
+    FrozenBatchNorm2d."""
+    cls = module.FrozenBatchNorm2d
+    if _state["d2_original"] is None and not is_d2_forward(cls.forward):
+        _state["d2_class"], _state["d2_original"] = cls, cls.forward
+        _state["d2_forward"] = cls.forward = make_d2_forward(cls.forward)
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """The module's own loader, then patch_d2 on the executed module; anything else (get_source,
+    resources) goes to the original loader."""
+
+    def __init__(self, loader) -> None:
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        if _state["d2_hook"] is not None:  # still enabled
+            patch_d2(module)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class _D2ImportHook(importlib.abc.MetaPathFinder):
+    """Patches detectron2's FrozenBatchNorm2d when detectron2.layers.batch_norm is imported:
+    asks the finders after it for the module's spec and wraps its loader."""
+
+    def find_spec(self, name, path, target=None):
+        if name != D2_MODULE:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+def _register_d2() -> None:
+    if D2_MODULE in sys.modules:
+        patch_d2(sys.modules[D2_MODULE])
+    if _state["d2_hook"] is None:
+        _state["d2_hook"] = _D2ImportHook()
+        sys.meta_path.insert(0, _state["d2_hook"])
+
+
+def _unregister_d2() -> None:
+    hook = _state["d2_hook"]
+    if hook is not None:
+        sys.meta_path.remove(hook)
+        _state["d2_hook"] = None
+    if _state["d2_original"] is not None:
+        _state["d2_class"].forward = _state["d2_original"]
+        _state["d2_class"] = _state["d2_original"] = _state["d2_forward"] = None
+
+
+def _fake(input, weight, bias, running_mean, running_var, eps, dtype=None, as_batch_norm=False):
     torch._check(
         input.dim() == 4, lambda: f"frozen_batch_norm: input must be a 4-D tensor [N, C, H, W], got {input.dim()}-D"
     )
@@ -73,11 +203,11 @@ def _fake(input, weight, bias, running_mean, running_var, eps, dtype=None):
     return empty_like_layout(input, input.shape, out_dtype)
 
 
-def _autocast(input, weight, bias, running_mean, running_var, eps, dtype=None):
+def _autocast(input, weight, bias, running_mean, running_var, eps, dtype=None, as_batch_norm=False):
     with torch._C._ExcludeDispatchKeyGuard(AUTOCAST_CPU_KEYS):
         keep = input.dtype in (torch.bfloat16, torch.float16) and dtype is None
         return torch.ops.torchvision_cpu_ext.frozen_batch_norm(
-            input, weight, bias, running_mean, running_var, eps, input.dtype if keep else dtype
+            input, weight, bias, running_mean, running_var, eps, input.dtype if keep else dtype, as_batch_norm
         )
 
 
@@ -92,6 +222,7 @@ def register(lib: torch.library.Library) -> None:
     if _state["original"] is None:
         _state["original"] = misc.FrozenBatchNorm2d.forward
         misc.FrozenBatchNorm2d.forward = forward
+    _register_d2()
 
 
 def unregister() -> None:
@@ -100,3 +231,4 @@ def unregister() -> None:
     if _state["original"] is not None:
         misc.FrozenBatchNorm2d.forward = _state["original"]
         _state["original"] = None
+    _unregister_d2()
