@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <utility>
+#include <vector>
 
 namespace tvce {
 namespace {
