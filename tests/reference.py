@@ -263,3 +263,59 @@ def nms_rows(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) ->
             ovr = inter / (areas[i] + areas[i + 1 :] - inter)
             alive[i + 1 :] &= ~(ovr.astype(np.float64) > iou_threshold)
     return torch.tensor(keep, dtype=torch.int64)
+
+
+def _rotated_corners(box) -> list[tuple[float, float]]:
+    """Corners of a (cx, cy, w, h, degrees) box. The angle turns the box counter-clockwise
+    on an image (y down), i.e. clockwise in x-right/y-up axes: the w axis is (cos, -sin). The
+    corners are listed counter-clockwise in x-right/y-up axes (a rotation keeps that order)."""
+    cx, cy, w, h, a = (float(v) for v in box)
+    c, s = math.cos(math.radians(a)), math.sin(math.radians(a))
+    return [
+        (cx + c * u + s * v, cy - s * u + c * v)
+        for u, v in ((-w / 2, -h / 2), (w / 2, -h / 2), (w / 2, h / 2), (-w / 2, h / 2))
+    ]
+
+
+def _clip(poly: list[tuple[float, float]], a: tuple[float, float], b: tuple[float, float]) -> list[tuple[float, float]]:
+    """Sutherland-Hodgman: the part of `poly` left of the directed line a -> b."""
+
+    def side(p):
+        return (b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0])
+
+    out = []
+    for i, p in enumerate(poly):
+        q = poly[(i + 1) % len(poly)]
+        sp, sq = side(p), side(q)
+        if sp >= 0:
+            out.append(p)
+        if (sp >= 0) != (sq >= 0):
+            t = sp / (sp - sq)
+            out.append((p[0] + t * (q[0] - p[0]), p[1] + t * (q[1] - p[1])))
+    return out
+
+
+def _area(poly: list[tuple[float, float]]) -> float:
+    n = len(poly)
+    return abs(sum(poly[i][0] * poly[(i + 1) % n][1] - poly[(i + 1) % n][0] * poly[i][1] for i in range(n))) / 2
+
+
+def box_iou_rotated(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of rotated boxes by another algorithm than torchvision's (clipping one box
+    by the other's edges instead of a hull of candidate points), in float64; 0 when either
+    box has (nearly) no area, as torchvision returns."""
+    out = torch.zeros(boxes1.shape[0], boxes2.shape[0], dtype=torch.float64)
+    for i, b1 in enumerate(boxes1.double()):
+        for j, b2 in enumerate(boxes2.double()):
+            a1, a2 = float(b1[2] * b1[3]), float(b2[2] * b2[3])
+            if a1 < 1e-14 or a2 < 1e-14:
+                continue
+            poly = _rotated_corners(b1)
+            c2 = _rotated_corners(b2)
+            for k in range(4):
+                if not poly:
+                    break
+                poly = _clip(poly, c2[k], c2[(k + 1) % 4])
+            inter = _area(poly) if len(poly) >= 3 else 0.0
+            out[i, j] = inter / (a1 + a2 - inter)
+    return out

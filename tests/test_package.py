@@ -29,7 +29,12 @@ OURS = [
     "ps_roi_pool",
     "_ps_roi_pool_backward",
     "nms",
+    "qnms",
+    "qroi_align",
+    "box_iou_rotated",
 ]
+# torchvision ops this package does not implement (NotImplementedError in the fallback).
+NOT_OURS = ["deform_conv2d", "_deform_conv2d_backward"]
 
 
 def run_python(code: str, **env: str) -> str:
@@ -104,6 +109,39 @@ def test_fallback_mode_supplies_torchvision_ops():
     with pytest.raises(RuntimeError, match="no torchvision kernels to give back"):
         torchvision_cpu_ext.disable()
     assert cpu_kernel_owner("deform_conv2d") == "not implemented"
+
+
+def torchvision_python_op_references() -> set[str]:
+    """Every torch.ops.torchvision.<op> torchvision's Python side can call."""
+    import re
+
+    root = Path(torchvision.__file__).parent
+    names = set()
+    for path in root.rglob("*.py"):
+        names.update(re.findall(r"torch\.ops\.torchvision\.(\w+)", path.read_text(encoding="utf-8")))
+    return names
+
+
+def test_every_op_torchvision_calls_has_a_schema():
+    from torchvision_cpu_ext import _registry
+
+    refs = torchvision_python_op_references()
+    assert "box_iou_rotated" in refs and "qroi_align" in refs
+    assert refs <= set(_registry.TORCHVISION_SCHEMAS), refs - set(_registry.TORCHVISION_SCHEMAS)
+    assert set(_registry.TORCHVISION_SCHEMAS) == {*OURS, *NOT_OURS, "_cuda_version"}
+    if not NATIVE:
+        assert [cpu_kernel_owner(op) for op in NOT_OURS] == ["not implemented"] * len(NOT_OURS)
+
+
+@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled ops define the schemas compared with")
+def test_fallback_schemas_equal_torchvisions():
+    """The schemas the fallback defines are, op for op, those torchvision's compiled ops register."""
+    from torchvision_cpu_ext import _registry
+
+    for op, schema in _registry.TORCHVISION_SCHEMAS.items():
+        assert str(getattr(torch.ops.torchvision, op).default._schema) == f"torchvision::{schema}"
+    registered = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("torchvision::")}
+    assert registered == set(_registry.TORCHVISION_SCHEMAS)
 
 
 def test_env_var_imports_without_override():

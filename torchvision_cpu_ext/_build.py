@@ -28,6 +28,9 @@ SOURCES = [
     "ps_roi_align_kernel.cpp",
     "ps_roi_pool_kernel.cpp",
     "nms_kernel.cpp",
+    "qnms_kernel.cpp",
+    "qroi_align_kernel.cpp",
+    "box_iou_rotated_kernel.cpp",
     "frozen_batch_norm_kernel.cpp",
 ]
 

@@ -79,6 +79,7 @@ TORCHVISION_SCHEMAS: dict[str, str] = {
         "SymInt dilation_w, SymInt groups, SymInt offset_groups, bool use_mask) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
+    "box_iou_rotated": "box_iou_rotated(Tensor boxes1, Tensor boxes2) -> Tensor",
     "_cuda_version": "_cuda_version() -> int",
 }
 
