@@ -56,39 +56,6 @@ CONFIGS = [Config(i, lay, d) for d in ("fp32", "bf16") for lay in ("nchw", "chan
 # to a few minutes; --all-configs runs it too): bf16 is only worth it channels_last.
 CORE_CONFIGS = [c for c in CONFIGS if not (c.layout == "nchw" and c.dtype == "bf16")]
 
-# The issue's goals: (description, config, baseline config, threads ("all" or 1), minimum ratio).
-GOALS = [
-    (
-        "channels_last fp32 with the package vs NCHW fp32 stock",
-        Config("ext", "channels_last", "fp32"),
-        BASELINE,
-        "all",
-        1.45,
-    ),
-    (
-        "channels_last fp32 with the package vs NCHW fp32 stock",
-        Config("ext", "channels_last", "fp32"),
-        BASELINE,
-        1,
-        1.3,
-    ),
-    ("NCHW fp32 with the package vs stock", Config("ext", "nchw", "fp32"), BASELINE, "all", 1.18),
-    (
-        "bf16 autocast channels_last with the package vs NCHW fp32 stock",
-        Config("ext", "channels_last", "bf16"),
-        BASELINE,
-        "all",
-        3.2,
-    ),
-    (
-        "bf16 autocast channels_last with the package vs the same stock",
-        Config("ext", "channels_last", "bf16"),
-        Config("stock", "channels_last", "bf16"),
-        "all",
-        1.6,
-    ),
-]
-
 
 class Runner:
     """The model in both layouts, and the switches that make a configuration."""
@@ -304,17 +271,6 @@ def fmt_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def goal_lines(results: list[dict]) -> list[dict]:
-    by = {(r["batch"], r["threads"], Config(**r["config"])): r["median_s"] for r in results}
-    out = []
-    for desc, cfg, base, threads, minimum in GOALS:
-        t = ALL_THREADS if threads == "all" else threads
-        if (1, t, cfg) in by and (1, t, base) in by:
-            ratio = by[(1, t, base)] / by[(1, t, cfg)]
-            out.append({"goal": desc, "threads": t, "ratio": ratio, "minimum": minimum, "met": ratio >= minimum})
-    return out
-
-
 def detectron2_or_exit() -> None:
     try:
         import detectron2  # noqa: F401
@@ -418,7 +374,6 @@ def main(argv: list[str] | None = None) -> dict:
             ]
         )
     ]
-    goals = [] if quick else goal_lines(results)  # one call on small images measures nothing
     info = torchvision_cpu_ext.info()
     report = {
         "meta": {
@@ -442,7 +397,6 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
         "correctness": correctness,
         "profiles": profiles,
-        "goals": goals,
         "seconds": time.time() - t_start,
     }
     print()
@@ -474,14 +428,6 @@ def render(r: dict) -> str:
     ]
     lines += [f"- workload, batch {b}: " + demo_model.Workload(**w).line() for b, w in r["workload"].items()]
     lines += ["", fmt_table(r["results"]), ""]
-    if r["goals"]:
-        lines += ["Goals (batch 1):", ""]
-        lines += [
-            f"- {g['goal']}, {g['threads']} thread(s): {g['ratio']:.2f}x (goal >= {g['minimum']}x) "
-            f"{'met' if g['met'] else 'NOT met'}"
-            for g in r["goals"]
-        ]
-        lines.append("")
     lines += ["Detections, package vs stock on the same image (fp32 must match; bf16 is reported):", ""]
     lines.append(
         "| layout | dtype | stock | package | matched | min IoU | max abs box diff (px) | max abs score diff | check |"
