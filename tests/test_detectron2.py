@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import NATIVE
-from test_frozen_batch_norm import make_input
+from test_frozen_batch_norm import fill, make_input
 
 import torchvision_cpu_ext
 from torchvision_cpu_ext.ops import frozen_batch_norm as fbn
@@ -52,16 +52,6 @@ STAND_IN = textwrap.dedent(
             )
     """
 )
-
-
-def fill(m: torch.nn.Module, channels: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    m.weight.copy_(torch.randn(channels, generator=g))
-    m.bias.copy_(torch.randn(channels, generator=g))
-    m.running_mean.copy_(torch.randn(channels, generator=g))
-    m.running_var.copy_(torch.rand(channels, generator=g) * 3)
-    m.running_var[0] = 0.0  # eps alone
-    return m.to(dtype)
 
 
 def run(m: torch.nn.Module, x: torch.Tensor, autocast: bool = False) -> tuple[torch.Tensor, bool]:

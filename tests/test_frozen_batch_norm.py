@@ -16,15 +16,19 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LAYOUTS = ["nchw", "channels_last", "strided"]
 
 
-def make_module(channels: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> FrozenBatchNorm2d:
+def fill(m: torch.nn.Module, channels: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """Seeded frozen statistics for any FrozenBatchNorm2d-like module (detectron2's too)."""
     g = torch.Generator().manual_seed(seed)
-    m = FrozenBatchNorm2d(channels)
     m.weight.copy_(torch.randn(channels, generator=g))
     m.bias.copy_(torch.randn(channels, generator=g))
     m.running_mean.copy_(torch.randn(channels, generator=g))
     m.running_var.copy_(torch.rand(channels, generator=g) * 3)
     m.running_var[0] = 0.0  # eps alone
     return m.to(dtype)
+
+
+def make_module(channels: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> FrozenBatchNorm2d:
+    return fill(FrozenBatchNorm2d(channels), channels, dtype, seed)
 
 
 def make_input(shape, dtype: torch.dtype, layout: str, seed: int = 1) -> torch.Tensor:

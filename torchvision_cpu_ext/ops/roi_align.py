@@ -26,30 +26,26 @@ from ._common import (
 _state: dict[str, object] = {"own_registered": False}
 
 
-def meta_roi_align(
-    input: torch.Tensor,
-    rois: torch.Tensor,
-    spatial_scale: float,
-    pooled_height: int,
-    pooled_width: int,
-    sampling_ratio: int,
-    aligned: bool,
-) -> torch.Tensor:
-    check_roi_inputs("roi_align", input, rois)
-    return empty_like_layout(input, (rois.size(0), input.size(1), pooled_height, pooled_width))
+def _meta_forward(op: str, float_rois_ok: bool):
+    def meta(
+        input: torch.Tensor,
+        rois: torch.Tensor,
+        spatial_scale: float,
+        pooled_height: int,
+        pooled_width: int,
+        sampling_ratio: int,
+        aligned: bool,
+    ) -> torch.Tensor:
+        check_roi_inputs(op, input, rois, float_rois_ok)
+        return empty_like_layout(input, (rois.size(0), input.size(1), pooled_height, pooled_width))
+
+    meta.__name__ = f"meta_{op.lstrip('_')}"
+    return meta
 
 
-def meta_roi_align_mixed(
-    input: torch.Tensor,
-    rois: torch.Tensor,
-    spatial_scale: float,
-    pooled_height: int,
-    pooled_width: int,
-    sampling_ratio: int,
-    aligned: bool,
-) -> torch.Tensor:
-    check_roi_inputs("_roi_align_mixed", input, rois, float_rois_ok=True)
-    return empty_like_layout(input, (rois.size(0), input.size(1), pooled_height, pooled_width))
+# torchvision::roi_align (rois of the input's dtype) and the autocast path's mixed op.
+meta_roi_align = _meta_forward("roi_align", float_rois_ok=False)
+meta_roi_align_mixed = _meta_forward("_roi_align_mixed", float_rois_ok=True)
 
 
 def meta_roi_align_backward(
