@@ -32,6 +32,7 @@ import torchvision
 from torch.utils import benchmark
 
 import torchvision_cpu_ext
+from torchvision_cpu_ext import _op_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_limits  # noqa: E402
@@ -475,8 +476,6 @@ def bench_nms(threads: int, min_time: float) -> list[dict]:
     return rows
 
 
-ALL_OPS = [*sorted(STATEMENTS), "nms", "frozen_batch_norm"]
-
 # FrozenBatchNorm2d layers of the R50-FPN backbone at an 800x1216 input: the stem (after conv1),
 # layer1 (its 64- and 256-channel maps) and layer3.
 FBN_SHAPES = [(1, 64, 400, 608), (1, 256, 200, 304), (1, 64, 200, 304), (1, 1024, 50, 76)]
@@ -540,6 +539,43 @@ def bench_frozen_bn(threads: int, min_time: float, shapes=None) -> list[dict]:
     return rows
 
 
+def _say(what: str, threads: int) -> None:
+    print(f"{what} ({threads} thread{'s' if threads > 1 else ''})", flush=True)
+
+
+def bench_roi_op(op: str):
+    def bench(a: argparse.Namespace, threads: int, min_time: float) -> list[dict]:
+        rows = []
+        for case in [c for c in (CASES[1:2] if a.quick else CASES) if c.op == op]:
+            _say(case.name, threads)
+            rows += bench_case(
+                case, threads, min_time, ["nchw", "channels_last"], [torch.float32, torch.bfloat16], a.line_floor
+            )
+        return rows
+
+    return bench
+
+
+def _bench_nms(a: argparse.Namespace, threads: int, min_time: float) -> list[dict]:
+    _say("nms", threads)
+    return bench_nms(threads, min_time)
+
+
+def _bench_frozen_bn(a: argparse.Namespace, threads: int, min_time: float) -> list[dict]:
+    _say("frozen_batch_norm", threads)
+    return bench_frozen_bn(threads, min_time, FBN_SHAPES[1:2] if a.quick else None)
+
+
+# One entry per benchmarked row of the op table (torchvision_cpu_ext/_op_table.py), in its order.
+BENCHES = {
+    **{op: bench_roi_op(op) for op in STATEMENTS},
+    "nms": _bench_nms,
+    "frozen_batch_norm": _bench_frozen_bn,
+}
+ALL_OPS = _op_table.benchmarked()
+assert sorted(BENCHES) == sorted(ALL_OPS), f"benchmark cases {sorted(BENCHES)} != op table {sorted(ALL_OPS)}"
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     lim = meta["limits"]
     out = [
@@ -590,7 +626,6 @@ def json_info() -> dict:
 
 def run(a: argparse.Namespace) -> dict:
     """Measures the machine's limits and every row that `a` asks for: {"meta": ..., "rows": ...}."""
-    cases = [c for c in (CASES[1:2] if a.quick else CASES) if c.op in a.ops]
     min_time = a.min_time if a.min_time is not None else (0.2 if a.quick else 1.5)
     info = json_info()
     torchvision_cpu_ext.disable()
@@ -611,22 +646,13 @@ def run(a: argparse.Namespace) -> dict:
         "info": info,
         "ops_when_disabled": ops_disabled,
         "work_model": WORK_MODEL,
+        # What each op's rows run (torchvision ops, replaced Python functions): the report's kernels.
+        "kernels": {op: _op_table.kernels_run(_op_table.by_name(op)) for op in a.ops},
     }
     rows = []
-    for case in cases:
+    for op in a.ops:
         for threads in a.threads:
-            print(f"{case.name} ({threads} thread{'s' if threads > 1 else ''})", flush=True)
-            rows += bench_case(
-                case, threads, min_time, ["nchw", "channels_last"], [torch.float32, torch.bfloat16], a.line_floor
-            )
-    if "nms" in a.ops:
-        for threads in a.threads:
-            print(f"nms ({threads} thread{'s' if threads > 1 else ''})", flush=True)
-            rows += bench_nms(threads, min_time)
-    if "frozen_batch_norm" in a.ops:
-        for threads in a.threads:
-            print(f"frozen_batch_norm ({threads} thread{'s' if threads > 1 else ''})", flush=True)
-            rows += bench_frozen_bn(threads, min_time, FBN_SHAPES[1:2] if a.quick else None)
+            rows += BENCHES[op](a, threads, min_time)
     return {"meta": meta, "rows": rows}
 
 

@@ -31,16 +31,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-OPS = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "nms", "frozen_batch_norm"]
-# The dispatcher ops (torchvision::<name>) that each benchmarked op runs.
-KERNELS = {
-    "roi_align": ["roi_align", "_roi_align_backward"],
-    "roi_pool": ["roi_pool", "_roi_pool_backward"],
-    "ps_roi_align": ["ps_roi_align", "_ps_roi_align_backward"],
-    "ps_roi_pool": ["ps_roi_pool", "_ps_roi_pool_backward"],
-    "nms": ["nms", "boxes._batched_nms_vanilla"],  # the second: batched_nms's per-class loop
-    "frozen_batch_norm": ["FrozenBatchNorm2d.forward"],  # torchvision.ops' module, a Python function
-}
 VARIANT_ORDER = [
     ("torchvision", "nchw", "float32"),
     ("torchvision", "channels_last", "float32"),
@@ -110,8 +100,8 @@ def derive(rows: list[dict], limits: dict[str, float]) -> list[dict]:
 
 
 def ops_in(rows: list[dict]) -> list[str]:
-    seen = list(dict.fromkeys(r["op"] for r in rows))
-    return [o for o in OPS if o in seen] + [o for o in seen if o not in OPS]
+    """The ops of `rows`, in the order the benchmark ran them (the op table's)."""
+    return list(dict.fromkeys(r["op"] for r in rows))
 
 
 def _ordered_variants(rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -403,10 +393,11 @@ def kernels_table(meta: dict, ops: list[str]) -> tuple[str, str]:
     info = meta.get("info", {})
     ours = {**info.get("ops", {}), **info.get("python", {})}  # info()["python"]: replaced Python functions
     theirs = meta.get("ops_when_disabled", {})
-    names = [k for op in ops for k in KERNELS.get(op, [op])]
+    kernels = meta.get("kernels", {})  # per op, from the op table: what its rows ran
+    names = [k for op in ops for k in kernels.get(op, [op])]
     names += [k for k in ours if k not in names]
     body = [
-        [k, ours.get(k, "?"), theirs.get(k, "?"), "yes" if any(k in KERNELS.get(o, []) for o in ops) else ""]
+        [k, ours.get(k, "?"), theirs.get(k, "?"), "yes" if any(k in kernels.get(o, []) for o in ops) else ""]
         for k in names
     ]
     return _table(

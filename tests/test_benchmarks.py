@@ -198,6 +198,7 @@ def test_report_from_a_tiny_run(tmp_path, monkeypatch):
         info=bench_ops.json_info(),
         ops_when_disabled={"roi_align": "torchvision"},
         work_model=bench_ops.WORK_MODEL,
+        kernels={"nms": ["nms", "boxes._batched_nms_vanilla"]},
     )
     written = report.build_report({"meta": meta, "rows": rows}, tmp_path / "report")
 
@@ -216,6 +217,7 @@ def test_report_from_a_tiny_run(tmp_path, monkeypatch):
     # Tables, the machine's limits, the model and the kernels that ran are on the page.
     assert "tiny ps_roi_pool" in page and "sgemm GFLOP/s" in page and "grad_input written once" in page
     assert "_roi_align_backward" in page and "isa_variant" in page
+    assert "| boxes._batched_nms_vanilla | torchvision_cpu_ext | ? | yes |" in md
 
 
 def test_report_takes_bench_ops_arguments():

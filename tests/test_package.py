@@ -15,26 +15,14 @@ from conftest import NATIVE
 from torchvision.ops import roi_align
 
 import torchvision_cpu_ext
-from torchvision_cpu_ext import _build, _loader
+from torchvision_cpu_ext import _build, _loader, _op_table, ops
 from torchvision_cpu_ext._info import cpu_kernel_owner
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = [
-    "roi_align",
-    "_roi_align_backward",
-    "roi_pool",
-    "_roi_pool_backward",
-    "ps_roi_align",
-    "_ps_roi_align_backward",
-    "ps_roi_pool",
-    "_ps_roi_pool_backward",
-    "nms",
-    "qnms",
-    "qroi_align",
-    "box_iou_rotated",
-]
+# The op table says which torchvision ops are ours; the tests below check that the dispatcher agrees.
+OURS = _op_table.served()
 # torchvision ops this package does not implement (NotImplementedError in the fallback).
-NOT_OURS = ["deform_conv2d", "_deform_conv2d_backward"]
+NOT_OURS = _op_table.not_implemented()
 
 
 def run_python(code: str, **env: str) -> str:
@@ -42,6 +30,23 @@ def run_python(code: str, **env: str) -> str:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=600)
     assert res.returncode == 0, res.stderr
     return res.stdout
+
+
+def test_op_table():
+    assert "roi_align" in OURS and NOT_OURS == ["deform_conv2d", "_deform_conv2d_backward"]
+    ops.check(OURS)  # what import checked: the C++ registrars and the Python rules agree with it
+    with pytest.raises(RuntimeError, match="C\\+\\+ registers CPU kernels for .*, the table says .*'nms'"):
+        ops.check([op for op in OURS if op != "nms"])
+    with pytest.raises(RuntimeError, match="fake kernels: the table declares"):
+        _op_table.check(OURS, [f for f in ops._rules.FAKES if "roi_pool" not in f], ops._rules.AUTOCASTS)
+    with pytest.raises(RuntimeError, match="autocast rules: the table declares"):
+        _op_table.check(OURS, ops._rules.FAKES, [*ops._rules.AUTOCASTS, "torchvision::roi_pool"])
+    # Every row's Python module is registered while enabled and reports what it replaces.
+    assert set(torchvision_cpu_ext.info()["python"]) <= {p for row in _op_table.OPS for p in row.patches}
+    # A fake kernel for every op whose Meta kernel is ours, on the dispatcher.
+    for row in _op_table.OPS:
+        for qualname in row.fake:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"), qualname
 
 
 def test_our_kernels_are_dispatched():

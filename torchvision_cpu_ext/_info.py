@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-import sys
 from typing import Any
 
 import torch
@@ -30,22 +29,9 @@ def cpu_kernel_owner(op: str) -> str:
 
 def python_paths() -> dict[str, str]:
     """torchvision's Python functions the override replaces, and who currently provides each."""
-    from torchvision.ops import boxes, misc
+    from . import ops
 
-    from .ops import frozen_batch_norm, nms
-
-    def owner(fn: object, ours: object) -> str:
-        return "torchvision_cpu_ext" if fn is ours else "torchvision"
-
-    paths = {
-        "FrozenBatchNorm2d.forward": owner(misc.FrozenBatchNorm2d.forward, frozen_batch_norm.forward),
-        "boxes._batched_nms_vanilla": owner(boxes._batched_nms_vanilla, nms.batched_nms_vanilla),
-    }
-    d2 = sys.modules.get(frozen_batch_norm.D2_MODULE)  # listed once detectron2 is imported
-    if d2 is not None:
-        ours = frozen_batch_norm.is_d2_forward(d2.FrozenBatchNorm2d.forward)
-        paths["detectron2 FrozenBatchNorm2d.forward"] = "torchvision_cpu_ext" if ours else "detectron2"
-    return paths
+    return ops.owners()
 
 
 def _cpu_model() -> str:
@@ -63,7 +49,7 @@ def info() -> dict[str, Any]:
     """Versions, the ISA variant loaded, threads, mode and, per op, whose CPU kernel is active."""
     import torchvision
 
-    from . import _registry, loaded_library
+    from . import _op_table, _registry, loaded_library
 
     lib = loaded_library()
     return {
@@ -77,7 +63,7 @@ def info() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "mode": _registry.mode(),
         "enabled": _registry.is_enabled(),
-        "ops": {op: cpu_kernel_owner(op) for op in _registry.TORCHVISION_SCHEMAS if op != "_cuda_version"},
+        "ops": {op: cpu_kernel_owner(op) for row in _op_table.OPS for op in row.serves},
         "python": python_paths(),
         "output_pool_bytes": dict(
             zip(("cached", "cap"), torch.ops.torchvision_cpu_ext._output_pool_stats(), strict=True)

@@ -20,68 +20,10 @@ from pathlib import Path
 
 import torch
 
+from . import _op_table
 from . import ops as _ops
 
-# torchvision's schemas, exactly: every op its Python side registers fake kernels for, and the
-# _cuda_version() its extension module calls at import.
-TORCHVISION_SCHEMAS: dict[str, str] = {
-    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "roi_align": (
-        "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-        "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor"
-    ),
-    "_roi_align_backward": (
-        "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
-        "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, "
-        "int sampling_ratio, bool aligned) -> Tensor"
-    ),
-    "qroi_align": (
-        "qroi_align(Tensor input, Tensor rois, float input_scale, int input_zero_point, float rois_scale, "
-        "int rois_zero_point, float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
-        "int sampling_ratio, bool aligned) -> Tensor"
-    ),
-    "roi_pool": (
-        "roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-        "SymInt pooled_width) -> (Tensor, Tensor)"
-    ),
-    "_roi_pool_backward": (
-        "_roi_pool_backward(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, "
-        "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, "
-        "SymInt width) -> Tensor"
-    ),
-    "ps_roi_align": (
-        "ps_roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-        "SymInt pooled_width, int sampling_ratio) -> (Tensor, Tensor)"
-    ),
-    "_ps_roi_align_backward": (
-        "_ps_roi_align_backward(Tensor grad, Tensor rois, Tensor channel_mapping, float spatial_scale, "
-        "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, SymInt batch_size, "
-        "SymInt channels, SymInt height, SymInt width) -> Tensor"
-    ),
-    "ps_roi_pool": (
-        "ps_roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-        "SymInt pooled_width) -> (Tensor, Tensor)"
-    ),
-    "_ps_roi_pool_backward": (
-        "_ps_roi_pool_backward(Tensor grad, Tensor rois, Tensor channel_mapping, float spatial_scale, "
-        "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, "
-        "SymInt width) -> Tensor"
-    ),
-    "deform_conv2d": (
-        "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor mask, Tensor bias, "
-        "SymInt stride_h, SymInt stride_w, SymInt pad_h, SymInt pad_w, SymInt dilation_h, "
-        "SymInt dilation_w, SymInt groups, SymInt offset_groups, bool use_mask) -> Tensor"
-    ),
-    "_deform_conv2d_backward": (
-        "_deform_conv2d_backward(Tensor grad, Tensor input, Tensor weight, Tensor offset, Tensor mask, "
-        "Tensor bias, SymInt stride_h, SymInt stride_w, SymInt pad_h, SymInt pad_w, SymInt dilation_h, "
-        "SymInt dilation_w, SymInt groups, SymInt offset_groups, bool use_mask) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor)"
-    ),
-    "box_iou_rotated": "box_iou_rotated(Tensor boxes1, Tensor boxes2) -> Tensor",
-    "_cuda_version": "_cuda_version() -> int",
-}
+TORCHVISION_SCHEMAS = _op_table.TORCHVISION_SCHEMAS
 
 MODE_OVERRIDE = "override"
 MODE_FALLBACK = "fallback"
@@ -135,15 +77,14 @@ def _not_implemented(name: str):
     return kernel
 
 
-def _define_torchvision_schemas(ours: set[str]) -> None:
+def _define_torchvision_schemas() -> None:
     lib = torch.library.Library("torchvision", "FRAGMENT")
     for name, schema in TORCHVISION_SCHEMAS.items():
         if not _op_exists(name):
             lib.define(schema)
     lib.impl("_cuda_version", lambda: -1, "CompositeExplicitAutograd")
-    for name in TORCHVISION_SCHEMAS:
-        if name not in ours and name != "_cuda_version":
-            lib.impl(name, _not_implemented(name), "CPU")
+    for name in _op_table.not_implemented():
+        lib.impl(name, _not_implemented(name), "CPU")
     _state["fallback_lib"] = lib
 
 
@@ -172,7 +113,7 @@ def _import_torchvision_with_our_ops() -> None:
 
 def setup() -> str:
     """Called once at import: decides the mode and defines what the mode needs."""
-    ours = set(torch.ops.torchvision_cpu_ext._cpu_override_ops())
+    _ops.check(list(torch.ops.torchvision_cpu_ext._cpu_override_ops()))
     if _torchvision_ops_load():
         mode = MODE_OVERRIDE
         import torchvision  # noqa: F401  (its _C first: the last registration wins)
@@ -183,7 +124,7 @@ def setup() -> str:
                 "import torchvision_cpu_ext first so that it can supply them"
             )
         mode = MODE_FALLBACK
-        _define_torchvision_schemas(ours)
+        _define_torchvision_schemas()
         _import_torchvision_with_our_ops()
     _state["mode"] = mode
     return mode

@@ -36,11 +36,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from ._common import AUTOCAST_CPU_KEYS, empty_like_layout
-
 _state: dict[str, object] = {
     "original": None,
-    "lib": None,
     "d2_class": None,
     "d2_original": None,
     "d2_forward": None,
@@ -195,28 +192,7 @@ def _unregister_d2() -> None:
         _state["d2_class"] = _state["d2_original"] = _state["d2_forward"] = None
 
 
-def _fake(input, weight, bias, running_mean, running_var, eps, dtype=None, as_batch_norm=False):
-    torch._check(
-        input.dim() == 4, lambda: f"frozen_batch_norm: input must be a 4-D tensor [N, C, H, W], got {input.dim()}-D"
-    )
-    out_dtype = dtype if dtype is not None else torch.promote_types(input.dtype, weight.dtype)
-    return empty_like_layout(input, input.shape, out_dtype)
-
-
-def _autocast(input, weight, bias, running_mean, running_var, eps, dtype=None, as_batch_norm=False):
-    with torch._C._ExcludeDispatchKeyGuard(AUTOCAST_CPU_KEYS):
-        keep = input.dtype in (torch.bfloat16, torch.float16) and dtype is None
-        return torch.ops.torchvision_cpu_ext.frozen_batch_norm(
-            input, weight, bias, running_mean, running_var, eps, input.dtype if keep else dtype, as_batch_norm
-        )
-
-
-def register(lib: torch.library.Library) -> None:
-    if _state["lib"] is None:  # our own op: its fake kernel and autocast rule are registered once
-        torch.library.register_fake("torchvision_cpu_ext::frozen_batch_norm", _fake)
-        own = torch.library.Library("torchvision_cpu_ext", "IMPL")
-        own.impl("frozen_batch_norm", _autocast, "AutocastCPU")
-        _state["lib"] = own
+def register() -> None:
     from torchvision.ops import misc
 
     if _state["original"] is None:
@@ -232,3 +208,17 @@ def unregister() -> None:
         misc.FrozenBatchNorm2d.forward = _state["original"]
         _state["original"] = None
     _unregister_d2()
+
+
+def owners() -> dict[str, str]:
+    """Who provides each forward this module replaces (info()); detectron2's once it is imported."""
+    from torchvision.ops import misc
+
+    def owner(ours: bool, theirs: str) -> str:
+        return "torchvision_cpu_ext" if ours else theirs
+
+    paths = {"FrozenBatchNorm2d.forward": owner(misc.FrozenBatchNorm2d.forward is forward, "torchvision")}
+    d2 = sys.modules.get(D2_MODULE)
+    if d2 is not None:
+        paths["detectron2 FrozenBatchNorm2d.forward"] = owner(is_d2_forward(d2.FrozenBatchNorm2d.forward), "detectron2")
+    return paths

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import AUTOCAST_CPU_KEYS, autocast_cast
-
-_state: dict[str, object] = {"original": None, "own_lib": None}
+_state: dict[str, object] = {"original": None}
 
 
 def batched_nms_vanilla(
@@ -32,24 +30,7 @@ def batched_nms_vanilla(
     return torch.ops.torchvision_cpu_ext._batched_nms(boxes, scores, idxs, iou_threshold)
 
 
-def _fake_batched_nms(boxes, scores, idxs, iou_threshold):
-    kept = torch.library.get_ctx().new_dynamic_size()
-    return scores.new_empty(kept, dtype=torch.long)
-
-
-def _autocast_batched_nms(boxes, scores, idxs, iou_threshold):
-    with torch._C._ExcludeDispatchKeyGuard(AUTOCAST_CPU_KEYS):
-        return torch.ops.torchvision_cpu_ext._batched_nms(
-            autocast_cast(boxes), autocast_cast(scores), idxs, iou_threshold
-        )
-
-
-def register(lib: torch.library.Library) -> None:
-    if _state["own_lib"] is None:  # our own op: its fake kernel and autocast rule are registered once
-        torch.library.register_fake("torchvision_cpu_ext::_batched_nms", _fake_batched_nms)
-        own = torch.library.Library("torchvision_cpu_ext", "IMPL")
-        own.impl("_batched_nms", _autocast_batched_nms, "AutocastCPU")
-        _state["own_lib"] = own
+def register() -> None:
     # Imported here: in the fallback mode torchvision may only be imported once its ops exist.
     import torchvision.ops.boxes as tv_boxes
 
@@ -64,3 +45,11 @@ def unregister() -> None:
     if _state["original"] is not None:
         tv_boxes._batched_nms_vanilla = _state["original"]
         _state["original"] = None
+
+
+def owners() -> dict[str, str]:
+    """Who provides each torchvision function this module replaces (info())."""
+    import torchvision.ops.boxes as tv_boxes
+
+    ours = tv_boxes._batched_nms_vanilla is batched_nms_vanilla
+    return {"boxes._batched_nms_vanilla": "torchvision_cpu_ext" if ours else "torchvision"}
