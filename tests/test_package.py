@@ -49,6 +49,13 @@ def test_op_table():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"), qualname
 
 
+def test_every_kernel_file_is_a_row_and_compiled():
+    files = sorted(p.name for p in (ROOT / "csrc" / "cpu").glob("*_kernel.cpp"))
+    rows = sorted(f"{row.kernel}_kernel.cpp" for row in _op_table.OPS if row.kernel)
+    assert files == rows
+    assert sorted(_build.SOURCES) == sorted(["override.cpp", *rows])
+
+
 def test_our_kernels_are_dispatched():
     assert torchvision_cpu_ext.is_enabled()
     assert sorted(torch.ops.torchvision_cpu_ext._cpu_override_ops()) == sorted(OURS)

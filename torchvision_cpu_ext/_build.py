@@ -11,7 +11,9 @@ torchvision_cpu_ext/csrc/cpu/, which only a JIT build (no prebuilt variant fits)
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 PKG_DIR = Path(__file__).resolve().parent
@@ -20,19 +22,20 @@ CSRC = ROOT / "csrc" / "cpu"
 PACKAGED_CSRC = PKG_DIR / "csrc" / "cpu"
 MANIFEST = PKG_DIR / "_prebuilt.json"
 
-# One op, one kernel file; override.cpp holds the switch between our kernels and torchvision's.
-SOURCES = [
-    "override.cpp",
-    "roi_align_kernel.cpp",
-    "roi_pool_kernel.cpp",
-    "ps_roi_align_kernel.cpp",
-    "ps_roi_pool_kernel.cpp",
-    "nms_kernel.cpp",
-    "qnms_kernel.cpp",
-    "qroi_align_kernel.cpp",
-    "box_iou_rotated_kernel.cpp",
-    "frozen_batch_norm_kernel.cpp",
-]
+
+def _load_op_table():
+    """The op table (_op_table.py), loaded by path: it imports nothing from the package."""
+    name = "_torchvision_cpu_ext_op_table"
+    if name not in sys.modules:  # dataclasses look their module up there
+        spec = importlib.util.spec_from_file_location(name, PKG_DIR / "_op_table.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+# One op, one kernel file (a row of the op table each); override.cpp holds the switch between
+# our kernels and torchvision's.
+SOURCES = ["override.cpp"] + [f"{op.kernel}_kernel.cpp" for op in _load_op_table().OPS if op.kernel]
 
 # -ffp-contract=off: scalar code must round exactly like torchvision's (no silent FMA
 # contraction of a*b+c); the vector code asks for FMA explicitly through at::vec::fmadd.
