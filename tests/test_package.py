@@ -135,25 +135,22 @@ def torchvision_python_op_references() -> set[str]:
 
 
 def test_every_op_torchvision_calls_has_a_schema():
-    from torchvision_cpu_ext import _registry
-
     refs = torchvision_python_op_references()
     assert "box_iou_rotated" in refs and "qroi_align" in refs
-    assert refs <= set(_registry.TORCHVISION_SCHEMAS), refs - set(_registry.TORCHVISION_SCHEMAS)
-    assert set(_registry.TORCHVISION_SCHEMAS) == {*OURS, *NOT_OURS, "_cuda_version"}
+    assert refs <= set(_op_table.TORCHVISION_SCHEMAS), refs - set(_op_table.TORCHVISION_SCHEMAS)
+    assert set(_op_table.TORCHVISION_SCHEMAS) == {*OURS, *NOT_OURS, "_cuda_version"}
     if not NATIVE:
         assert [cpu_kernel_owner(op) for op in NOT_OURS] == ["not implemented"] * len(NOT_OURS)
 
 
 @pytest.mark.skipif(not NATIVE, reason="torchvision's compiled ops define the schemas compared with")
 def test_fallback_schemas_equal_torchvisions():
-    """The schemas the fallback defines are, op for op, those torchvision's compiled ops register."""
-    from torchvision_cpu_ext import _registry
-
-    for op, schema in _registry.TORCHVISION_SCHEMAS.items():
+    """The schemas the fallback defines are, op for op, those torchvision's compiled ops register
+    (so a torchvision upgrade that changes one fails here)."""
+    for op, schema in _op_table.TORCHVISION_SCHEMAS.items():
         assert str(getattr(torch.ops.torchvision, op).default._schema) == f"torchvision::{schema}"
     registered = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("torchvision::")}
-    assert registered == set(_registry.TORCHVISION_SCHEMAS)
+    assert registered == set(_op_table.TORCHVISION_SCHEMAS)
 
 
 def test_env_var_imports_without_override():
