@@ -263,12 +263,9 @@ def interleaved_seconds(configs: list[tuple[str, str, dict]], min_time: float, i
     rounds: list[list[float]] = [[] for _ in configs]
     for _ in range(ROUNDS):
         for times, (impl, stmt, env) in zip(rounds, configs, strict=True):
-            (torchvision_cpu_ext.disable if impl == "torchvision" else torchvision_cpu_ext.enable)()
-            try:
-                with torch.inference_mode() if inference else contextlib.nullcontext():
-                    times.append(median_seconds(stmt, env, min_time / ROUNDS))
-            finally:
-                torchvision_cpu_ext.enable()
+            kernels = torchvision_cpu_ext.disabled() if impl == "torchvision" else contextlib.nullcontext()
+            with kernels, torch.inference_mode() if inference else contextlib.nullcontext():
+                times.append(median_seconds(stmt, env, min_time / ROUNDS))
     return [statistics.median(t) for t in rounds]
 
 
@@ -628,12 +625,9 @@ def run(a: argparse.Namespace) -> dict:
     """Measures the machine's limits and every row that `a` asks for: {"meta": ..., "rows": ...}."""
     min_time = a.min_time if a.min_time is not None else (0.2 if a.quick else 1.5)
     info = json_info()
-    torchvision_cpu_ext.disable()
-    try:  # whose kernels (and replaced Python functions, if info() lists them) the torchvision rows ran on
+    with torchvision_cpu_ext.disabled():  # whose kernels and Python functions the torchvision rows ran on
         disabled = json_info()
-        ops_disabled = {**disabled["ops"], **disabled.get("python", {})}
-    finally:
-        torchvision_cpu_ext.enable()
+    ops_disabled = {**disabled["ops"], **disabled.get("python", {})}
     meta = {
         "cpu": info["cpu"],
         "aten_cpu_capability": info["aten_cpu_capability"],

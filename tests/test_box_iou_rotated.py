@@ -16,11 +16,8 @@ OP = torch.ops.torchvision.box_iou_rotated
 
 
 def torchvision_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    torchvision_cpu_ext.disable()
-    try:
+    with torchvision_cpu_ext.disabled():
         return OP(boxes1, boxes2)
-    finally:
-        torchvision_cpu_ext.enable()
 
 
 def random_boxes(n: int, seed: int, dtype: torch.dtype = torch.float32, spread: float = 100.0) -> torch.Tensor:

@@ -230,12 +230,8 @@ def test_detection_model_runs_on_our_kernels():
     assert calls, "the model did not call torchvision::roi_align"
     if not NATIVE:
         return  # no torchvision kernels to compare with in this configuration
-    torchvision_cpu_ext.disable()
-    try:
-        with torch.no_grad():
-            theirs = model(images)
-    finally:
-        torchvision_cpu_ext.enable()
+    with torchvision_cpu_ext.disabled(), torch.no_grad():
+        theirs = model(images)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-4, atol=1e-3)
         assert torch.equal(a["labels"], b["labels"])

@@ -20,11 +20,8 @@ INT_TYPES = [torch.uint8, torch.int8, torch.int32]
 
 
 def torchvision_op(op, *args):
-    torchvision_cpu_ext.disable()
-    try:
+    with torchvision_cpu_ext.disabled():
         return op(*args)
-    finally:
-        torchvision_cpu_ext.enable()
 
 
 def test_kernels_are_ours():
