@@ -33,7 +33,7 @@ def run_python(code: str, **env: str) -> str:
 
 
 def test_op_table():
-    assert "roi_align" in OURS and NOT_OURS == ["deform_conv2d", "_deform_conv2d_backward"]
+    assert "roi_align" in OURS and "deform_conv2d" in OURS and NOT_OURS == []
     ops.check(OURS)  # what import checked: the C++ registrars and the Python rules agree with it
     with pytest.raises(RuntimeError, match="C\\+\\+ registers CPU kernels for .*, the table says .*'nms'"):
         ops.check([op for op in OURS if op != "nms"])
@@ -116,11 +116,12 @@ def test_fallback_mode_supplies_torchvision_ops():
     assert x.grad.abs().sum() > 0
     boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]])
     assert torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5).tolist() == [0, 2]
-    with pytest.raises(NotImplementedError, match="deform_conv2d"):
-        torchvision.ops.deform_conv2d(torch.rand(1, 2, 5, 5), torch.zeros(1, 18, 3, 3), torch.rand(2, 2, 3, 3))
+    x = torch.rand(1, 2, 5, 5, requires_grad=True)
+    torchvision.ops.deform_conv2d(x, torch.rand(1, 18, 3, 3), torch.rand(2, 2, 3, 3)).sum().backward()
+    assert x.grad.abs().sum() > 0
     with pytest.raises(RuntimeError, match="no torchvision kernels to give back"):
         torchvision_cpu_ext.disable()
-    assert cpu_kernel_owner("deform_conv2d") == "not implemented"
+    assert cpu_kernel_owner("deform_conv2d") == "torchvision_cpu_ext"
 
 
 def torchvision_python_op_references() -> set[str]:

@@ -170,7 +170,18 @@ OPS: tuple[Op, ...] = (
     Op("box_iou_rotated", "box_iou_rotated", ("box_iou_rotated",)),
     Op("qnms", "qnms", ("qnms",)),
     Op("qroi_align", "qroi_align", ("qroi_align",)),
-    Op("deform_conv2d", None, ("deform_conv2d", "_deform_conv2d_backward")),
+    # deform_conv2d: our fake kernels (outputs and gradients in their tensors' memory formats);
+    # under autocast the offsets stay float32: our rule, and our mixed-dtype op.
+    Op(
+        "deform_conv2d",
+        "deform_conv2d",
+        ("deform_conv2d", "_deform_conv2d_backward"),
+        own=("_deform_conv2d_mixed",),
+        fake=(TV + "deform_conv2d", TV + "_deform_conv2d_backward", OWN + "_deform_conv2d_mixed"),
+        autocast=(TV + "deform_conv2d",),
+        module="deform_conv2d",
+        bench=True,
+    ),
 )
 
 

@@ -270,3 +270,109 @@ def autocast_frozen_batch_norm(input, weight, bias, running_mean, running_var, e
         return torch.ops.torchvision_cpu_ext.frozen_batch_norm(
             input, weight, bias, running_mean, running_var, eps, input.dtype if keep else dtype, as_batch_norm
         )
+
+
+# --- deform_conv2d -------------------------------------------------------------------------------
+
+
+def _deform_conv2d_fake(op: str, mixed_ok: bool):
+    def meta(
+        input,
+        weight,
+        offset,
+        mask,
+        bias,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dil_h,
+        dil_w,
+        groups,
+        offset_groups,
+        use_mask,
+    ):
+        """The output in the input's memory format (the spatial size is the offset's, as torchvision's)."""
+        torch._check(input.dim() == 4, lambda: f"{op}: input must be a 4-D tensor [N, C, H, W], got {input.dim()}-D")
+        torch._check(weight.dim() == 4, lambda: f"{op}: weight must be a 4-D tensor, got {weight.dim()}-D")
+        torch._check(offset.dim() == 4, lambda: f"{op}: offset must be a 4-D tensor, got {offset.dim()}-D")
+        for name, t in (("weight", weight), ("bias", bias), ("offset", offset), ("mask", mask)):
+            if name in ("offset", "mask") and mixed_ok and input.dtype in _REDUCED and t.dtype == torch.float32:
+                continue
+            if name == "mask" and not use_mask:
+                continue
+            message = f"{op}: {name} must have the dtype of input, got input {input.dtype} and {name} {t.dtype}"
+            torch._check(t.dtype == input.dtype, lambda message=message: message)
+        out_h, out_w = offset.shape[-2:]
+        return empty_like_layout(input, (input.shape[0], weight.shape[0], out_h, out_w))
+
+    meta.__name__ = f"meta_{op.lstrip('_')}"
+    return meta
+
+
+# torchvision::deform_conv2d takes offsets and mask of the input's dtype; the autocast path's
+# mixed op float32 too (NOTE [ deform_conv2d under autocast ]).
+fake(TV + "deform_conv2d")(_deform_conv2d_fake("deform_conv2d", mixed_ok=False))
+fake(OWN + "_deform_conv2d_mixed")(_deform_conv2d_fake("_deform_conv2d_mixed", mixed_ok=True))
+
+
+@fake(TV + "_deform_conv2d_backward")
+def meta_deform_conv2d_backward(
+    grad,
+    input,
+    weight,
+    offset,
+    mask,
+    bias,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dilation_h,
+    dilation_w,
+    groups,
+    offset_groups,
+    use_mask,
+):
+    """Each gradient in its tensor's dtype and memory format; grad_bias contiguous."""
+    return (
+        empty_like_layout(input, input.shape),
+        empty_like_layout(weight, weight.shape),
+        empty_like_layout(offset, offset.shape),
+        empty_like_layout(mask, mask.shape),
+        bias.new_empty(bias.shape),
+    )
+
+
+@autocast(TV + "deform_conv2d")
+def autocast_deform_conv2d(
+    input,
+    weight,
+    offset,
+    mask,
+    bias,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dilation_h,
+    dilation_w,
+    groups,
+    offset_groups,
+    use_mask,
+):
+    """Input, weight and bias in the autocast dtype, offset and mask in float32, through
+    _deform_conv2d_mixed (NOTE [ deform_conv2d under autocast ]); a float64 input is left alone,
+    as autocast leaves float64."""
+    args = (stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups, use_mask)
+    with torch._C._ExcludeDispatchKeyGuard(AUTOCAST_CPU_KEYS):
+        if input.dtype == torch.float64:
+            return torch.ops.torchvision.deform_conv2d(input, weight, offset, mask, bias, *args)
+        low = torch.get_autocast_dtype("cpu")
+
+        def lower(t: torch.Tensor) -> torch.Tensor:
+            return t.to(low) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+        return torch.ops.torchvision_cpu_ext._deform_conv2d_mixed(
+            lower(input), lower(weight), autocast_cast(offset), autocast_cast(mask), lower(bias), *args
+        )

@@ -1,0 +1,734 @@
+// deform_conv2d forward and backward for CPU: NCHW and channels_last, float/double/bfloat16/half
+// (reduced types accumulate in float). Semantics are torchvision's CPU kernel's; see NOTE
+// [ deform_conv2d gradients ] for where its backward is not the gradient of its forward.
+//
+// NOTE [ deform_conv2d design ]
+// A deformable convolution is an im2col convolution whose columns are bilinear samples. The
+// kernel is built from four parts, each used by the forward and the backward:
+// - Sampling plan (build_plan): for one image and a tile of P consecutive output pixels, per
+//   (offset group, tap, pixel) one Sample: the four neighbours' pixel indices (-1 outside the
+//   image) and their bilinear weights with the mask folded in. Everything that depends on the
+//   offsets is computed here once and reused by every input channel of the offset group
+//   (torchvision recomputes it per channel).
+// - Panel (gather_run): the tile's columns, [P, groups, taps, C_in / groups] row-major, i.e.
+//   one row per output pixel and, per conv group, a contiguous block of K * C_in/groups
+//   columns: a GEMM operand as it is. It is filled from a pixel-major (channels_last) input with
+//   vector loads across channels: each sample is four weighted C-vectors. Its size is chosen
+//   to stay in cache (tile_pixels), so the full columns tensor (C * K * OH * OW per image,
+//   growing with the batch in torchvision) never exists.
+// - GEMM: ATen's matmul (at::addmm_out / at::mm_out, MKL or oneDNN underneath) on the panel,
+//   writing straight into the output tile: in channels_last the tile is [P, C_out] (panel x
+//   weight^T); in NCHW it is [C_out, P] (weight x panel^T) with the row stride of a plane, so
+//   NCHW output needs no conversion. The weight is reordered once per call to [groups,
+//   C_out/groups, K * C_in/groups] to match the panel's columns.
+// - Layout: the gathers want pixel-major input, so an NCHW input is converted to channels_last
+//   once per call (one pass over the input, small next to the GEMM); outputs and input
+//   gradients come back in the input's memory format.
+// Work is parallel over (image, pixel tile); each task owns its plan and panel, allocated once
+// per thread. Under a parallel region ATen's GEMM runs on the calling thread.
+//
+// Backward (recomputes the plan; no columns tensor either):
+// - dCol = grad_out tile x weight (GEMM), a panel like the forward's.
+// - One pass over (pixel, offset group, tap) reads the four neighbour C-vectors once and
+//   (1) rebuilds the sample panel (for grad_weight), (2) takes the four channel dot products
+//   a_i = <dCol, v_i>, from which the offset gradients (d sample / dy, dx are fixed
+//   combinations of the v_i) and the mask gradient (the unmasked sample) follow, and
+//   (3) scatters dCol * weight_i into the input gradient.
+// - grad_weight += grad_out tile^T x sample panel (GEMM) into a per-chunk partial.
+// - grad_bias is a sum of grad_out.
+// Determinism without atomics: tasks are (image, segment of its tiles); each task scatters
+// into its own float buffer of the image, and the segments of an image (more than one only
+// when there are fewer images than threads) are summed in a fixed order at the end. Tasks are
+// split into one fixed chunk per thread, each with its own grad_weight partial, summed in
+// chunk order. The result is the same on every run for a given thread count.
+//
+// NOTE [ deform_conv2d under autocast ]
+// torchvision has no CPU autocast rule for deform_conv2d (its CUDA rule casts everything to
+// float32). Ours (torchvision_cpu_ext/ops/_rules.py) keeps the input, weight and bias in the
+// autocast dtype and the offset and mask in float32 (a bfloat16 offset cannot hold a sub-pixel
+// position at 100 px), and calls torchvision_cpu_ext::_deform_conv2d_mixed: this same forward,
+// accepting that one mixed combination, which builds its plan from float32 offsets as it does
+// for a float32 input. A separate op keeps the mixed combination an autocast-only case
+// (torchvision::deform_conv2d still raises on it, as torchvision's does) while torch.compile
+// can trace it. Its autograd (ops/deform_conv2d.py) calls _deform_conv2d_backward with the
+// mixed tensors, so the backward takes them too; the offset and mask gradients come back in
+// float32.
+//
+// NOTE [ deform_conv2d gradients ]
+// The gradients are those of the forward as written (a sample outside (-1, H) x (-1, W) is the
+// constant 0). torchvision's backward agrees except at a sample exactly on y == -1 (or x == -1)
+// with the other coordinate inside: the forward reads 0 there, so its gradient is 0, while
+// torchvision's offset gradient takes the one-sided derivative from inside the image (the
+// value of row 0, resp. column 0). Ours is 0 there.
+#include "memory.h"
+#include "override.h"
+#include "vec_io.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace tvce {
+namespace {
+
+constexpr const char* kForward = "deform_conv2d";
+constexpr const char* kBackward = "_deform_conv2d_backward";
+
+// Shapes and arguments of one call, after the checks.
+struct Geometry {
+  int64_t N, C, H, W;        // input
+  int64_t C_out, kh, kw, K;  // weight; K = kh * kw taps
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t G, OG;                 // conv groups, offset groups
+  int64_t C_in_g, C_out_g, C_og;  // input / output channels per conv group, input channels per offset group
+  int64_t OH, OW, OHW;
+  bool use_mask;
+  // Columns per panel row: every conv group's K * C_in_g block.
+  int64_t cols() const {
+    return K * C;
+  }
+};
+
+at::MemoryFormat layout_of(const char* op, const char* name, const at::Tensor& t) {
+  const auto fmt = t.suggest_memory_format();
+  TORCH_CHECK(
+      fmt == at::MemoryFormat::Contiguous || fmt == at::MemoryFormat::ChannelsLast, op, ": ", name,
+      " has an unsupported memory format ", fmt, "; expected Contiguous or ChannelsLast");
+  return fmt;
+}
+
+// torchvision's argument checks, each naming the argument. `mixed_ok`: float32 offset and mask
+// with a bfloat16/half input (the autocast path).
+Geometry check_args(
+    const char* op,
+    bool mixed_ok,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& offset,
+    const at::Tensor& mask,
+    const at::Tensor& bias,
+    int64_t sh,
+    int64_t sw,
+    int64_t ph,
+    int64_t pw,
+    int64_t dh,
+    int64_t dw,
+    int64_t groups,
+    int64_t offset_groups,
+    bool use_mask) {
+  TORCH_CHECK(input.device().is_cpu(), op, ": input must be a CPU tensor, got ", input.device());
+  TORCH_CHECK(input.dim() == 4, op, ": input must be a 4-D tensor [N, C, H, W], got ", input.dim(), "-D");
+  TORCH_CHECK(
+      weight.dim() == 4, op, ": weight must be a 4-D tensor [C_out, C_in / groups, kernel_h, kernel_w], got ",
+      weight.dim(), "-D");
+  TORCH_CHECK(
+      offset.dim() == 4, op, ": offset must be a 4-D tensor [N, 2 * offset_groups * kernel_h * kernel_w, out_h, out_w], got ",
+      offset.dim(), "-D");
+  TORCH_CHECK(
+      !use_mask || mask.dim() == 4, op, ": mask must be a 4-D tensor [N, offset_groups * kernel_h * kernel_w, out_h, out_w], got ",
+      mask.dim(), "-D");
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(
+      weight.scalar_type() == dtype, op, ": weight must have the dtype of input, got input ", dtype, " and weight ",
+      weight.scalar_type());
+  TORCH_CHECK(
+      bias.scalar_type() == dtype, op, ": bias must have the dtype of input, got input ", dtype, " and bias ",
+      bias.scalar_type());
+  const bool reduced = dtype == at::kBFloat16 || dtype == at::kHalf;
+  const auto sampling_ok = [&](const at::Tensor& t) {
+    return t.scalar_type() == dtype || (mixed_ok && reduced && t.scalar_type() == at::kFloat);
+  };
+  const char* also = mixed_ok && reduced ? " or float32" : "";
+  TORCH_CHECK(
+      sampling_ok(offset), op, ": offset must have the dtype of input", also, ", got input ", dtype, " and offset ",
+      offset.scalar_type());
+  TORCH_CHECK(
+      !use_mask || sampling_ok(mask), op, ": mask must have the dtype of input", also, ", got input ", dtype,
+      " and mask ", mask.scalar_type());
+
+  Geometry g{};
+  g.N = input.size(0);
+  g.C = input.size(1);
+  g.H = input.size(2);
+  g.W = input.size(3);
+  g.C_out = weight.size(0);
+  g.kh = weight.size(2);
+  g.kw = weight.size(3);
+  g.K = g.kh * g.kw;
+  g.sh = sh, g.sw = sw, g.ph = ph, g.pw = pw, g.dh = dh, g.dw = dw;
+  g.G = groups;
+  g.OG = offset_groups;
+  g.use_mask = use_mask;
+  TORCH_CHECK(g.kh > 0 && g.kw > 0, op, ": weight's kernel size must be positive, got ", g.kh, " x ", g.kw);
+  TORCH_CHECK(sh > 0 && sw > 0, op, ": stride must be positive, got stride_h ", sh, " and stride_w ", sw);
+  TORCH_CHECK(ph >= 0 && pw >= 0, op, ": padding must be non-negative, got pad_h ", ph, " and pad_w ", pw);
+  TORCH_CHECK(dh > 0 && dw > 0, op, ": dilation must be positive, got dilation_h ", dh, " and dilation_w ", dw);
+  TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
+  TORCH_CHECK(offset_groups > 0, op, ": offset_groups must be positive, got ", offset_groups);
+  TORCH_CHECK(
+      weight.size(1) * groups == g.C, op, ": weight.size(1) * groups must equal the input's channels, got ",
+      weight.size(1), " * ", groups, " and ", g.C);
+  TORCH_CHECK(
+      g.C_out % groups == 0, op, ": weight.size(0) (output channels, ", g.C_out, ") must be a multiple of groups (",
+      groups, ")");
+  TORCH_CHECK(
+      g.C % offset_groups == 0, op, ": the input's channels (", g.C, ") must be a multiple of offset_groups (",
+      offset_groups, ")");
+  TORCH_CHECK(
+      offset.size(1) == offset_groups * 2 * g.K, op, ": offset.size(1) must be 2 * offset_groups * kernel_h * kernel_w = ",
+      offset_groups * 2 * g.K, ", got ", offset.size(1));
+  TORCH_CHECK(
+      !use_mask || mask.size(1) == offset_groups * g.K, op, ": mask.size(1) must be offset_groups * kernel_h * kernel_w = ",
+      offset_groups * g.K, ", got ", mask.size(1));
+  TORCH_CHECK(offset.size(0) == g.N, op, ": offset.size(0) must be the batch size ", g.N, ", got ", offset.size(0));
+  TORCH_CHECK(
+      mask.dim() >= 1 && mask.size(0) == g.N, op, ": mask.size(0) must be the batch size ", g.N, ", got ",
+      mask.dim() >= 1 ? mask.size(0) : -1);
+  // C++ division, as torchvision: truncates toward zero.
+  g.OH = (g.H + 2 * ph - (dh * (g.kh - 1) + 1)) / sh + 1;
+  g.OW = (g.W + 2 * pw - (dw * (g.kw - 1) + 1)) / sw + 1;
+  g.OHW = g.OH * g.OW;
+  TORCH_CHECK(
+      offset.size(2) == g.OH && offset.size(3) == g.OW, op, ": offset's spatial size must be the output's (", g.OH, ", ",
+      g.OW, "), got (", offset.size(2), ", ", offset.size(3), ")");
+  TORCH_CHECK(
+      !use_mask || (mask.size(2) == g.OH && mask.size(3) == g.OW), op, ": mask's spatial size must be the output's (",
+      g.OH, ", ", g.OW, "), got (", mask.size(2), ", ", mask.size(3), ")");
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, op, ": the output would be empty: out_h ", g.OH, ", out_w ", g.OW);
+  TORCH_CHECK(
+      bias.numel() == g.C_out, op, ": bias must have one element per output channel (", g.C_out, "), got ",
+      bias.numel());
+  g.C_in_g = g.C / groups;
+  g.C_out_g = g.C_out / groups;
+  g.C_og = g.C / offset_groups;
+  return g;
+}
+
+// One bilinear sample of one (offset group, tap, output pixel): see NOTE [ deform_conv2d design ].
+template <typename acc_t>
+struct Sample {
+  // Neighbours (y_l, x_l), (y_l, x_h), (y_h, x_l), (y_h, x_h): pixel index y * W + x, -1 outside.
+  int64_t idx[4];
+  // Their bilinear weights times the mask (0 outside).
+  acc_t w[4];
+  // Fractions of y and x, and the mask, for the backward.
+  acc_t ly, lx, m;
+  // Whether -1 < y < H and -1 < x < W; a sample outside reads 0 (and has no gradient).
+  bool inside;
+};
+
+// Samples of image n's output pixels [p0, p0 + P), stored [offset group][tap][pixel] (P apart).
+template <typename acc_t>
+void build_plan(
+    const Geometry& g,
+    const acc_t* offset,
+    const acc_t* mask,
+    int64_t n,
+    int64_t p0,
+    int64_t np,
+    int64_t P,
+    Sample<acc_t>* plan) {
+  for (int64_t o = 0; o < g.OG; ++o) {
+    for (int64_t k = 0; k < g.K; ++k) {
+      const int64_t i = k / g.kw, j = k % g.kw;
+      const acc_t* off_y = offset + ((n * g.OG + o) * 2 * g.K + 2 * k) * g.OHW;
+      const acc_t* off_x = off_y + g.OHW;
+      const acc_t* mk = g.use_mask ? mask + ((n * g.OG + o) * g.K + k) * g.OHW : nullptr;
+      Sample<acc_t>* row = plan + (o * g.K + k) * P;
+      for (int64_t p = 0; p < np; ++p) {
+        const int64_t q = p0 + p, oy = q / g.OW, ox = q % g.OW;
+        // As torchvision: the integer part first, then the offset added in acc_t.
+        const acc_t y = static_cast<acc_t>(oy * g.sh - g.ph + i * g.dh) + off_y[q];
+        const acc_t x = static_cast<acc_t>(ox * g.sw - g.pw + j * g.dw) + off_x[q];
+        const acc_t m = mk != nullptr ? mk[q] : acc_t(1);
+        Sample<acc_t>& s = row[p];
+        s.m = m;
+        // (Written so that a NaN coordinate is outside.)
+        s.inside = y > acc_t(-1) && y < static_cast<acc_t>(g.H) && x > acc_t(-1) && x < static_cast<acc_t>(g.W);
+        if (!s.inside) {
+          std::fill_n(s.idx, 4, int64_t(-1));
+          std::fill_n(s.w, 4, acc_t(0));
+          s.ly = s.lx = acc_t(0);
+          continue;
+        }
+        const int64_t yl = static_cast<int64_t>(std::floor(y)), xl = static_cast<int64_t>(std::floor(x));
+        const int64_t yh = yl + 1, xh = xl + 1;
+        const acc_t ly = y - static_cast<acc_t>(yl), lx = x - static_cast<acc_t>(xl);
+        const acc_t hy = acc_t(1) - ly, hx = acc_t(1) - lx;
+        s.ly = ly;
+        s.lx = lx;
+        const bool ok_yl = yl >= 0, ok_yh = yh <= g.H - 1, ok_xl = xl >= 0, ok_xh = xh <= g.W - 1;
+        const bool ok[4] = {ok_yl && ok_xl, ok_yl && ok_xh, ok_yh && ok_xl, ok_yh && ok_xh};
+        const int64_t pos[4] = {yl * g.W + xl, yl * g.W + xh, yh * g.W + xl, yh * g.W + xh};
+        const acc_t w[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+        for (int t = 0; t < 4; ++t) {
+          s.idx[t] = ok[t] ? pos[t] : -1;
+          s.w[t] = ok[t] ? m * w[t] : acc_t(0);
+        }
+      }
+    }
+  }
+}
+
+// Calls f(c, len, gr) for the runs of offset group o's channels that lie in one conv group gr
+// (offset groups and conv groups split the channels independently).
+template <typename F>
+inline void for_runs(const Geometry& g, int64_t o, const F& f) {
+  int64_t c = o * g.C_og;
+  const int64_t end = c + g.C_og;
+  while (c < end) {
+    const int64_t gr = c / g.C_in_g;
+    const int64_t e = std::min(end, (gr + 1) * g.C_in_g);
+    f(c, e - c, gr);
+    c = e;
+  }
+}
+
+// Column of channel c (in conv group gr), tap k within a panel row.
+inline int64_t panel_col(const Geometry& g, int64_t gr, int64_t k, int64_t c) {
+  return gr * g.K * g.C_in_g + k * g.C_in_g + (c - gr * g.C_in_g);
+}
+
+// The four neighbour rows of a sample at channel c; `zeros` (>= C elements) for those outside.
+template <typename scalar_t, typename acc_t>
+inline void neighbours(const scalar_t* img, int64_t C, const Sample<acc_t>& s, int64_t c, const scalar_t* zeros, const scalar_t* (&src)[4]) {
+  for (int t = 0; t < 4; ++t) {
+    src[t] = s.idx[t] >= 0 ? img + s.idx[t] * C + c : zeros;
+  }
+}
+
+// dst[0, len) = the sample's value at channels [c, c + len): four weighted C-vectors.
+template <typename scalar_t, typename panel_t>
+inline void gather_run(
+    const scalar_t* img,
+    int64_t C,
+    const Sample<opmath_t<scalar_t>>& s,
+    int64_t c,
+    int64_t len,
+    const scalar_t* zeros,
+    panel_t* dst) {
+  using Vec = OpVec<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  if (!s.inside) {
+    std::fill_n(dst, len, panel_t(0));
+    return;
+  }
+  const scalar_t* src[4];
+  neighbours(img, C, s, c, zeros, src);
+  const Vec w0(s.w[0]), w1(s.w[1]), w2(s.w[2]), w3(s.w[3]);
+  for (int64_t j = 0; j < len; j += V) {
+    const int64_t m = std::min(V, len - j);
+    Vec v = load_opmath(src[0] + j, m) * w0;
+    v = at::vec::fmadd(load_opmath(src[1] + j, m), w1, v);
+    v = at::vec::fmadd(load_opmath(src[2] + j, m), w2, v);
+    v = at::vec::fmadd(load_opmath(src[3] + j, m), w3, v);
+    store_opmath(dst + j, v, m);
+  }
+}
+
+// Fills panel rows [0, np) (row stride g.cols()) from the plan.
+template <typename scalar_t, typename panel_t>
+void gather_panel(
+    const Geometry& g,
+    const scalar_t* img,
+    const Sample<opmath_t<scalar_t>>* plan,
+    int64_t np,
+    int64_t P,
+    const scalar_t* zeros,
+    panel_t* panel) {
+  for (int64_t p = 0; p < np; ++p) {
+    panel_t* row = panel + p * g.cols();
+    for (int64_t o = 0; o < g.OG; ++o) {
+      for (int64_t k = 0; k < g.K; ++k) {
+        const auto& s = plan[(o * g.K + k) * P + p];
+        for_runs(g, o, [&](int64_t c, int64_t len, int64_t gr) {
+          gather_run(img, g.C, s, c, len, zeros, row + panel_col(g, gr, k, c));
+        });
+      }
+    }
+  }
+}
+
+// Output pixels per tile: panel rows of ~kPanelBytes (cache-sized), but enough tiles for about
+// four per thread, so that the tile count does not leave threads idle.
+int64_t tile_pixels(const Geometry& g, int64_t row_bytes) {
+  constexpr int64_t kPanelBytes = int64_t(512) << 10;
+  constexpr int64_t kMinPixels = 16, kMaxPixels = 512;
+  int64_t P = std::clamp(kPanelBytes / std::max<int64_t>(row_bytes, 1), kMinPixels, kMaxPixels);
+  const int64_t threads = at::get_num_threads();
+  const int64_t tiles_per_image = (4 * threads + g.N - 1) / g.N;
+  P = std::min(P, std::max<int64_t>(8, (g.OHW + tiles_per_image - 1) / tiles_per_image));
+  return std::max<int64_t>(1, std::min(P, g.OHW));
+}
+
+// Output (or grad_output) pixels [p0, p0 + np) of image n as a matrix: [np, C_out] for
+// channels_last, [C_out, np] for NCHW; narrowed to conv group gr's channels.
+at::Tensor pixel_block(const at::Tensor& t, bool cl, int64_t n, int64_t p0, int64_t np, int64_t c0, int64_t nc) {
+  const int64_t C = t.size(1), HW = t.size(2) * t.size(3);
+  if (cl) {
+    return t.select(0, n).permute({1, 2, 0}).view({HW, C}).narrow(0, p0, np).narrow(1, c0, nc);
+  }
+  return t.select(0, n).view({C, HW}).narrow(0, c0, nc).narrow(1, p0, np);
+}
+
+template <typename scalar_t>
+void forward_kernel(
+    const Geometry& g,
+    const at::Tensor& in,      // channels_last
+    const at::Tensor& offset,  // opmath, contiguous
+    const at::Tensor& mask,    // opmath, contiguous (undefined without use_mask)
+    const at::Tensor& wk,      // [G, C_out_g, K * C_in_g]
+    const at::Tensor& bias,    // [C_out]
+    at::Tensor& out,
+    bool cl) {
+  using acc_t = opmath_t<scalar_t>;
+  const int64_t P = tile_pixels(g, g.cols() * static_cast<int64_t>(sizeof(scalar_t)));
+  const int64_t tiles = (g.OHW + P - 1) / P;
+  const scalar_t* in_p = in.const_data_ptr<scalar_t>();
+  const acc_t* off_p = offset.const_data_ptr<acc_t>();
+  const acc_t* mask_p = g.use_mask ? mask.const_data_ptr<acc_t>() : nullptr;
+  const std::vector<scalar_t> zeros(g.C, scalar_t(0));
+  at::parallel_for(0, g.N * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Sample<acc_t>> plan(g.OG * g.K * P);
+    at::Tensor panel = at::empty({P, g.cols()}, in.options().memory_format(at::MemoryFormat::Contiguous));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / tiles, p0 = (t % tiles) * P, np = std::min(P, g.OHW - p0);
+      build_plan(g, off_p, mask_p, n, p0, np, P, plan.data());
+      gather_panel(g, in_p + n * g.H * g.W * g.C, plan.data(), np, P, zeros.data(), panel.mutable_data_ptr<scalar_t>());
+      for (int64_t gr = 0; gr < g.G; ++gr) {
+        const at::Tensor cols = panel.narrow(0, 0, np).narrow(1, gr * g.K * g.C_in_g, g.K * g.C_in_g);
+        const at::Tensor b = bias.narrow(0, gr * g.C_out_g, g.C_out_g);
+        at::Tensor o = pixel_block(out, cl, n, p0, np, gr * g.C_out_g, g.C_out_g);
+        if (cl) {
+          at::addmm_out(o, b, cols, wk[gr].t());
+        } else {
+          at::addmm_out(o, b.unsqueeze(1), wk[gr], cols.t());
+        }
+      }
+    }
+  });
+}
+
+// The weight as [G, C_out_g, K * C_in_g] (tap-major columns, as the panel's), in `dtype`.
+at::Tensor weight_as_panel_cols(const Geometry& g, const at::Tensor& weight, at::ScalarType dtype) {
+  return weight.to(dtype)
+      .reshape({g.G, g.C_out_g, g.C_in_g, g.K})
+      .permute({0, 1, 3, 2})
+      .contiguous()
+      .view({g.G, g.C_out_g, g.K * g.C_in_g});
+}
+
+at::Tensor forward(
+    const char* op,
+    bool mixed_ok,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& offset,
+    const at::Tensor& mask,
+    const at::Tensor& bias,
+    int64_t sh,
+    int64_t sw,
+    int64_t ph,
+    int64_t pw,
+    int64_t dh,
+    int64_t dw,
+    int64_t groups,
+    int64_t offset_groups,
+    bool use_mask) {
+  // Called below autograd (torchvision's autograd redispatches without excluding it): the
+  // ATen ops inside must not record a graph.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Geometry g =
+      check_args(op, mixed_ok, input, weight, offset, mask, bias, sh, sw, ph, pw, dh, dw, groups, offset_groups, use_mask);
+  const auto fmt = layout_of(op, "input", input);
+  at::Tensor out = empty_output({g.N, g.C_out, g.OH, g.OW}, input.options(), fmt);
+  if (out.numel() == 0) {
+    return out;
+  }
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const at::Tensor in = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor off = offset.to(acc).contiguous();
+  const at::Tensor msk = use_mask ? mask.to(acc).contiguous() : at::Tensor();
+  const at::Tensor wk = weight_as_panel_cols(g, weight, input.scalar_type());
+  const at::Tensor b = bias.reshape({g.C_out}).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "deform_conv2d_forward", [&] {
+    forward_kernel<scalar_t>(g, in, off, msk, wk, b, out, fmt == at::MemoryFormat::ChannelsLast);
+  });
+  return out;
+}
+
+// The backward's pass over one sample at channels [c, c + len) (NOTE [ deform_conv2d design ]):
+// writes the sample to `cols`, adds <dcol, v_t> to dots[t], scatters dcol * w_t into `gimg`.
+template <typename scalar_t>
+inline void backward_run(
+    const scalar_t* img,
+    opmath_t<scalar_t>* gimg,
+    int64_t C,
+    const Sample<opmath_t<scalar_t>>& s,
+    int64_t c,
+    int64_t len,
+    const scalar_t* zeros,
+    const opmath_t<scalar_t>* dcol,
+    opmath_t<scalar_t>* cols,
+    OpVec<scalar_t> (&dots)[4]) {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = OpVec<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  if (!s.inside) {
+    std::fill_n(cols, len, acc_t(0));
+    return;
+  }
+  const scalar_t* src[4];
+  neighbours(img, C, s, c, zeros, src);
+  acc_t* dst[4];
+  for (int t = 0; t < 4; ++t) {
+    dst[t] = s.idx[t] >= 0 ? gimg + s.idx[t] * C + c : nullptr;
+  }
+  const Vec w[4] = {Vec(s.w[0]), Vec(s.w[1]), Vec(s.w[2]), Vec(s.w[3])};
+  for (int64_t j = 0; j < len; j += V) {
+    const int64_t m = std::min(V, len - j);
+    const Vec d = Vec::loadu(dcol + j, m);
+    Vec v = Vec(acc_t(0));
+    for (int t = 0; t < 4; ++t) {
+      const Vec x = load_opmath(src[t] + j, m);
+      v = at::vec::fmadd(x, w[t], v);
+      dots[t] = at::vec::fmadd(d, x, dots[t]);
+      if (dst[t] != nullptr) {
+        at::vec::fmadd(d, w[t], Vec::loadu(dst[t] + j, m)).store(dst[t] + j, m);
+      }
+    }
+    v.store(cols + j, m);
+  }
+}
+
+template <typename scalar_t>
+void backward_kernel(
+    const Geometry& g,
+    const at::Tensor& in,      // channels_last
+    const at::Tensor& go,      // opmath, contiguous in `go_cl`'s layout
+    bool go_cl,
+    const at::Tensor& offset,  // opmath, contiguous
+    const at::Tensor& mask,    // opmath, contiguous (undefined without use_mask)
+    const at::Tensor& wk,      // opmath [G, C_out_g, K * C_in_g]
+    at::Tensor& gin,           // opmath [N * S, H, W, C], zeroed
+    int64_t S,
+    at::Tensor& goff,          // opmath [N, OG * 2 * K, OH, OW]
+    at::Tensor& gmask,         // opmath [N, OG * K, OH, OW] (undefined without use_mask)
+    at::Tensor& gw_parts) {    // opmath [chunks, G, C_out_g, K * C_in_g], zeroed
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = OpVec<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  // Two opmath panels (dCol and the samples).
+  const int64_t P = tile_pixels(g, 2 * g.cols() * static_cast<int64_t>(sizeof(acc_t)));
+  const int64_t tiles = (g.OHW + P - 1) / P;
+  const int64_t tasks = g.N * S, chunks = gw_parts.size(0);
+  const scalar_t* in_p = in.const_data_ptr<scalar_t>();
+  const acc_t* off_p = offset.const_data_ptr<acc_t>();
+  const acc_t* mask_p = g.use_mask ? mask.const_data_ptr<acc_t>() : nullptr;
+  acc_t* gin_p = gin.mutable_data_ptr<acc_t>();
+  acc_t* goff_p = goff.mutable_data_ptr<acc_t>();
+  acc_t* gmask_p = g.use_mask ? gmask.mutable_data_ptr<acc_t>() : nullptr;
+  const std::vector<scalar_t> zeros(g.C, scalar_t(0));
+  const auto opts = go.options().memory_format(at::MemoryFormat::Contiguous);
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<Sample<acc_t>> plan(g.OG * g.K * P);
+    at::Tensor dcol = at::empty({P, g.cols()}, opts);
+    at::Tensor cols = at::empty({P, g.cols()}, opts);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      at::Tensor gw = gw_parts[chunk];
+      for (int64_t task = chunk * tasks / chunks; task < (chunk + 1) * tasks / chunks; ++task) {
+        const int64_t n = task / S, seg = task % S;
+        const scalar_t* img = in_p + n * g.H * g.W * g.C;
+        acc_t* gimg = gin_p + task * g.H * g.W * g.C;
+        for (int64_t tile = seg * tiles / S; tile < (seg + 1) * tiles / S; ++tile) {
+          const int64_t p0 = tile * P, np = std::min(P, g.OHW - p0);
+          build_plan(g, off_p, mask_p, n, p0, np, P, plan.data());
+          for (int64_t gr = 0; gr < g.G; ++gr) {
+            at::Tensor d = dcol.narrow(0, 0, np).narrow(1, gr * g.K * g.C_in_g, g.K * g.C_in_g);
+            const at::Tensor gb = pixel_block(go, go_cl, n, p0, np, gr * g.C_out_g, g.C_out_g);
+            at::mm_out(d, go_cl ? gb : gb.t(), wk[gr]);
+          }
+          const acc_t* dcol_p = dcol.const_data_ptr<acc_t>();
+          acc_t* cols_p = cols.mutable_data_ptr<acc_t>();
+          for (int64_t p = 0; p < np; ++p) {
+            for (int64_t o = 0; o < g.OG; ++o) {
+              for (int64_t k = 0; k < g.K; ++k) {
+                const auto& s = plan[(o * g.K + k) * P + p];
+                Vec dots[4] = {Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0))};
+                for_runs(g, o, [&](int64_t c, int64_t len, int64_t gr) {
+                  const int64_t col = p * g.cols() + panel_col(g, gr, k, c);
+                  backward_run(img, gimg, g.C, s, c, len, zeros.data(), dcol_p + col, cols_p + col, dots);
+                });
+                acc_t a[4];
+                for (int t = 0; t < 4; ++t) {
+                  acc_t buf[V];
+                  dots[t].store(buf);
+                  a[t] = acc_t(0);
+                  for (int64_t l = 0; l < V; ++l) {
+                    a[t] += buf[l];
+                  }
+                }
+                const int64_t q = p0 + p;
+                acc_t gy = 0, gx = 0, gm = 0;
+                if (s.inside) {
+                  // d/dy and d/dx of the bilinear sample, from the neighbours' dot products.
+                  gy = s.m * ((acc_t(1) - s.lx) * (a[2] - a[0]) + s.lx * (a[3] - a[1]));
+                  gx = s.m * ((acc_t(1) - s.ly) * (a[1] - a[0]) + s.ly * (a[3] - a[2]));
+                  const acc_t hy = acc_t(1) - s.ly, hx = acc_t(1) - s.lx;
+                  gm = hy * hx * a[0] + hy * s.lx * a[1] + s.ly * hx * a[2] + s.ly * s.lx * a[3];
+                }
+                acc_t* go_y = goff_p + ((n * g.OG + o) * 2 * g.K + 2 * k) * g.OHW;
+                go_y[q] = gy;
+                go_y[g.OHW + q] = gx;
+                if (g.use_mask) {
+                  gmask_p[((n * g.OG + o) * g.K + k) * g.OHW + q] = gm;
+                }
+              }
+            }
+          }
+          for (int64_t gr = 0; gr < g.G; ++gr) {
+            const at::Tensor c = cols.narrow(0, 0, np).narrow(1, gr * g.K * g.C_in_g, g.K * g.C_in_g);
+            const at::Tensor gb = pixel_block(go, go_cl, n, p0, np, gr * g.C_out_g, g.C_out_g);
+            gw[gr].addmm_(go_cl ? gb.t() : gb, c);
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& offset,
+    const at::Tensor& mask,
+    const at::Tensor& bias,
+    int64_t sh,
+    int64_t sw,
+    int64_t ph,
+    int64_t pw,
+    int64_t dh,
+    int64_t dw,
+    int64_t groups,
+    int64_t offset_groups,
+    bool use_mask) {
+  constexpr const char* op = kBackward;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  // The autograd of the autocast path's mixed op comes back here with its float32 offset and
+  // mask (NOTE [ deform_conv2d under autocast ]).
+  const Geometry g =
+      check_args(op, true, input, weight, offset, mask, bias, sh, sw, ph, pw, dh, dw, groups, offset_groups, use_mask);
+  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), op, ": grad must have the dtype of input, got grad ",
+              grad.scalar_type(), " and input ", input.scalar_type());
+  TORCH_CHECK(
+      grad.dim() == 4 && grad.size(0) == g.N && grad.size(1) == g.C_out && grad.size(2) == g.OH && grad.size(3) == g.OW,
+      op, ": grad must have the output's shape [", g.N, ", ", g.C_out, ", ", g.OH, ", ", g.OW, "], got ", grad.sizes());
+  const auto fmt = layout_of(op, "input", input);
+  const auto grad_fmt = layout_of(op, "grad", grad);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const auto formatted = [](const at::Tensor& t, const at::Tensor& like) {
+    return t.to(like.scalar_type()).contiguous(like.suggest_memory_format());
+  };
+  at::Tensor grad_bias = grad.sum({0, 2, 3}, false, acc).to(bias.scalar_type()).reshape(bias.sizes());
+  at::Tensor grad_mask_zeros = use_mask ? at::Tensor() : at::zeros_like(mask);
+  if (grad.numel() == 0 || g.C == 0) {
+    return {at::zeros_like(input, fmt), at::zeros_like(weight), at::zeros_like(offset), at::zeros_like(mask), grad_bias};
+  }
+  const at::Tensor in = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor go = grad.to(acc).contiguous(grad_fmt);
+  const at::Tensor off = offset.to(acc).contiguous();
+  const at::Tensor msk = use_mask ? mask.to(acc).contiguous() : at::Tensor();
+  const at::Tensor wk = weight_as_panel_cols(g, weight, acc);
+  // Segments per image: enough tasks for the threads when there are fewer images.
+  const int64_t threads = at::get_num_threads();
+  const int64_t S = std::min<int64_t>(std::max<int64_t>(1, (threads + g.N - 1) / g.N), (g.OHW + 7) / 8);
+  const int64_t chunks = std::min(threads, g.N * S);
+  const auto opts = input.options().dtype(acc);
+  at::Tensor gin = at::zeros({g.N * S, g.H, g.W, g.C}, opts);
+  at::Tensor goff = at::empty({g.N, g.OG * 2 * g.K, g.OH, g.OW}, opts);
+  at::Tensor gmask = use_mask ? at::empty({g.N, g.OG * g.K, g.OH, g.OW}, opts) : at::Tensor();
+  at::Tensor gw_parts = at::zeros({chunks, g.G, g.C_out_g, g.K * g.C_in_g}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "deform_conv2d_backward", [&] {
+    backward_kernel<scalar_t>(
+        g, in, go, grad_fmt == at::MemoryFormat::ChannelsLast, off, msk, wk, gin, S, goff, gmask, gw_parts);
+  });
+  // [N, H, W, C] -> [N, C, H, W] as a channels_last-strided view, then the input's dtype and layout.
+  at::Tensor gin_sum = S == 1 ? gin : gin.view({g.N, S, g.H, g.W, g.C}).sum(1);
+  at::Tensor grad_input = gin_sum.permute({0, 3, 1, 2}).to(input.scalar_type()).contiguous(fmt);
+  at::Tensor grad_weight = gw_parts.sum(0)
+                               .view({g.C_out, g.K, g.C_in_g})
+                               .permute({0, 2, 1})
+                               .reshape({g.C_out, g.C_in_g, g.kh, g.kw});
+  return {
+      grad_input,
+      formatted(grad_weight, weight),
+      formatted(goff, offset),
+      use_mask ? formatted(gmask, mask) : grad_mask_zeros,
+      grad_bias};
+}
+
+at::Tensor deform_conv2d_forward(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& offset,
+    const at::Tensor& mask,
+    const at::Tensor& bias,
+    int64_t sh,
+    int64_t sw,
+    int64_t ph,
+    int64_t pw,
+    int64_t dh,
+    int64_t dw,
+    int64_t groups,
+    int64_t offset_groups,
+    bool use_mask) {
+  return forward(
+      kForward, false, input, weight, offset, mask, bias, sh, sw, ph, pw, dh, dw, groups, offset_groups, use_mask);
+}
+
+// See NOTE [ deform_conv2d under autocast ].
+at::Tensor deform_conv2d_mixed_forward(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const at::Tensor& offset,
+    const at::Tensor& mask,
+    const at::Tensor& bias,
+    int64_t sh,
+    int64_t sw,
+    int64_t ph,
+    int64_t pw,
+    int64_t dh,
+    int64_t dw,
+    int64_t groups,
+    int64_t offset_groups,
+    bool use_mask) {
+  return forward(
+      "_deform_conv2d_mixed", true, input, weight, offset, mask, bias, sh, sw, ph, pw, dh, dw, groups, offset_groups,
+      use_mask);
+}
+
+void register_kernels(torch::Library& m) {
+  m.impl("deform_conv2d", TORCH_FN(deform_conv2d_forward));
+  m.impl("_deform_conv2d_backward", TORCH_FN(backward));
+}
+
+const CpuOverride registrar({"deform_conv2d", "_deform_conv2d_backward"}, &register_kernels);
+
+} // namespace
+} // namespace tvce
+
+TORCH_LIBRARY_FRAGMENT(torchvision_cpu_ext, m) {
+  m.def(
+      "_deform_conv2d_mixed(Tensor input, Tensor weight, Tensor offset, Tensor mask, Tensor bias, SymInt stride_h, "
+      "SymInt stride_w, SymInt pad_h, SymInt pad_w, SymInt dilation_h, SymInt dilation_w, SymInt groups, "
+      "SymInt offset_groups, bool use_mask) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(torchvision_cpu_ext, CPU, m) {
+  m.impl("_deform_conv2d_mixed", TORCH_FN(tvce::deform_conv2d_mixed_forward));
+}
