@@ -319,3 +319,59 @@ def box_iou_rotated(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
             inter = _area(poly) if len(poly) >= 3 else 0.0
             out[i, j] = inter / (a1 + a2 - inter)
     return out
+
+
+def deform_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """torchvision.ops.deform_conv2d in float64 with whole-tensor torch ops (differentiable: its
+    autograd gradients are those of the forward, NOTE [ deform_conv2d gradients ]).
+
+    A sample at (y, x) outside (-1, H) x (-1, W) reads 0; inside, its bilinear neighbours
+    outside the image read 0."""
+    x, off, w = input.double(), offset.double(), weight.double()
+    N, C, H, W = x.shape
+    C_out, C_in_g, kh, kw = w.shape
+    G, K = C // C_in_g, kh * kw
+    OG = off.shape[1] // (2 * K)
+    OH, OW = off.shape[-2:]
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    off = off.view(N, OG, K, 2, OH, OW)
+    tap_y = (torch.arange(kh) * dh).repeat_interleave(kw).view(K, 1, 1)
+    tap_x = (torch.arange(kw) * dw).repeat(kh).view(K, 1, 1)
+    y = (torch.arange(OH).view(OH, 1) * sh - ph + tap_y).double() + off[:, :, :, 0]  # [N, OG, K, OH, OW]
+    xx = (torch.arange(OW).view(1, OW) * sw - pw + tap_x).double() + off[:, :, :, 1]
+    inside = (y > -1) & (y < H) & (xx > -1) & (xx < W)
+    y0, x0 = torch.floor(y).detach(), torch.floor(xx).detach()
+    ly, lx = y - y0, xx - x0
+    planes = x.reshape(N, OG, C // OG, H * W)
+
+    def neighbour(yi: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        valid = inside & (yi >= 0) & (yi <= H - 1) & (xi >= 0) & (xi <= W - 1)
+        idx = (yi.clamp(0, max(H - 1, 0)) * W + xi.clamp(0, max(W - 1, 0))).long().view(N, OG, 1, -1)
+        vals = torch.gather(planes, 3, idx.expand(N, OG, C // OG, idx.shape[-1]))
+        return vals.view(N, OG, C // OG, K, OH, OW) * valid.unsqueeze(2)
+
+    def b(t: torch.Tensor) -> torch.Tensor:  # [N, OG, K, OH, OW] -> broadcast over channels
+        return t.unsqueeze(2)
+
+    val = (
+        b((1 - ly) * (1 - lx)) * neighbour(y0, x0)
+        + b((1 - ly) * lx) * neighbour(y0, x0 + 1)
+        + b(ly * (1 - lx)) * neighbour(y0 + 1, x0)
+        + b(ly * lx) * neighbour(y0 + 1, x0 + 1)
+    )
+    if mask is not None:
+        val = val * mask.double().view(N, OG, 1, K, OH, OW)
+    cols = val.reshape(N, G, C_in_g * K, OH * OW)
+    out = torch.einsum("gok,ngkp->ngop", w.reshape(G, C_out // G, C_in_g * K), cols).reshape(N, C_out, OH, OW)
+    if bias is not None:
+        out = out + bias.double().view(1, C_out, 1, 1)
+    return out
