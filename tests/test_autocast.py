@@ -47,6 +47,12 @@ _BIG = (_boxes(1500, 2, hi=200.0), torch.rand(1500, generator=torch.Generator().
 _SMALL = (_boxes(300, 4), torch.rand(300, generator=torch.Generator().manual_seed(5)), 5)
 
 
+_g = torch.Generator().manual_seed(10)
+_OFFSET = torch.randn(2, 18, 22, 22, generator=_g) * 2
+_WEIGHT = torch.randn(4, 8, 3, 3, generator=_g) / 8
+_MASK = torch.rand(2, 9, 22, 22, generator=_g)
+
+
 def _idxs(n: int, classes: int) -> torch.Tensor:
     return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(6))
 
@@ -97,6 +103,14 @@ ENTRY_POINTS = [
     ),
     # FrozenBatchNorm2d: the "box" dtype is its buffers'.
     EntryPoint("frozen_batch_norm", lambda f, b: _frozen_bn(b)(_X.to(f)), False, True),
+    # deform_conv2d: the feature dtype is the input's and weight's, the "box" dtype the offset's
+    # and mask's (sampling positions, like boxes).
+    EntryPoint(
+        "deform_conv2d",
+        lambda f, b: torchvision.ops.deform_conv2d(_X.to(f), _OFFSET.to(b), _WEIGHT.to(f), mask=_MASK.to(b)),
+        False,
+        True,
+    ),
 ]
 BY_NAME = {e.name: e for e in ENTRY_POINTS}
 
@@ -145,6 +159,10 @@ def deviation(e: EntryPoint, ctx: str, f: torch.dtype, b: torch.dtype) -> str | 
     amp = CONTEXTS[ctx]
     if e.name == "frozen_batch_norm" and amp is not None and f in REDUCED and b == F32:
         return "keeps_reduced"  # the output keeps the input's dtype (torchvision: float32)
+    if e.name == "deform_conv2d" and amp is not None and F64 not in (f, b):
+        # torchvision has no CPU rule; ours: input and weight in the autocast dtype, offsets
+        # float32 (NOTE [ deform_conv2d under autocast ])
+        return "autocast_dtype"
     kf, kb = (_cast(f), _cast(b)) if amp is not None and e.autocast_rule else (f, b)
     if kf == kb and (kf == BF16 or (kf == F16 and not e.has_f16)):
         return "runs_dtype"  # a dtype torchvision's CPU kernel does not implement: ours runs it
@@ -157,6 +175,8 @@ def our_outcome(e: EntryPoint, ctx: str, f: torch.dtype, b: torch.dtype) -> torc
         return f
     if dev == "runs_dtype":
         return torch.int64 if "nms" in e.name else f
+    if dev == "autocast_dtype":
+        return CONTEXTS[ctx]
     return stock_outcome(e, ctx, f, b)
 
 

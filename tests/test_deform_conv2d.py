@@ -185,6 +185,21 @@ def test_forward_and_backward_match_torchvision(name, dtype, layout):
         close(a, b, dtype)
 
 
+@pytest.mark.parametrize("tile", [1, 3, 7])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["dcnv2", "groups", "offset_groups"])
+def test_small_tiles(name, layout, tile, threads, monkeypatch):
+    """Tiles of a few pixels (crossing output rows, a last partial tile, many per thread; the
+    backward's segments of an image's tiles) give the same results."""
+    monkeypatch.setenv("TORCHVISION_CPU_EXT_DEFORM_TILE", str(tile))
+    case = CASES[name]
+    args = make_case(case, torch.float64, layout)
+    close(run(case, *args), expected(case, *args), torch.float64)
+    grad = torch.randn(case.N, case.C_out, *case.out_hw, dtype=torch.float64)
+    for a, b in zip(_grads(case, run, *args, grad), _grads(case, expected, *args, grad), strict=True):
+        close(a, b, torch.float64)
+
+
 def test_forward_in_batches_equals_per_image(threads):
     case = Case(N=5, C=16, H=12, W=10, C_out=8, offset_groups=2)
     x, offset, weight, bias, mask = make_case(case, layout="channels_last")

@@ -13,9 +13,10 @@
 // - Panel (gather_run): the tile's columns, [P, groups, taps, C_in / groups] row-major, i.e.
 //   one row per output pixel and, per conv group, a contiguous block of K * C_in/groups
 //   columns: a GEMM operand as it is. It is filled from a pixel-major (channels_last) input with
-//   vector loads across channels: each sample is four weighted C-vectors. Its size is chosen
-//   to stay in cache (tile_pixels), so the full columns tensor (C * K * OH * OW per image,
-//   growing with the batch in torchvision) never exists.
+//   vector loads across channels: each sample is four weighted C-vectors. Its size is bounded
+//   (tile_pixels: about a quarter of the weight's, at least 1 MiB, per thread), so the full
+//   columns tensor (C * K * OH * OW per image, growing with the batch in torchvision) never
+//   exists.
 // - GEMM: ATen's matmul (at::addmm_out / at::mm_out, MKL or oneDNN underneath) on the panel,
 //   writing straight into the output tile: in channels_last the tile is [P, C_out] (panel x
 //   weight^T); in NCHW it is [C_out, P] (weight x panel^T) with the row stride of a plane, so
@@ -67,9 +68,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 namespace tvce {
@@ -353,12 +356,23 @@ void gather_panel(
   }
 }
 
-// Output pixels per tile: panel rows of ~kPanelBytes (cache-sized), but enough tiles for about
-// four per thread, so that the tile count does not leave threads idle.
-int64_t tile_pixels(const Geometry& g, int64_t row_bytes) {
-  constexpr int64_t kPanelBytes = int64_t(512) << 10;
-  constexpr int64_t kMinPixels = 16, kMaxPixels = 512;
-  int64_t P = std::clamp(kPanelBytes / std::max<int64_t>(row_bytes, 1), kMinPixels, kMaxPixels);
+// Output pixels per tile. A tile's GEMM streams the whole (reordered) weight, so tiles grow
+// with the weight: panel rows of max(1 MiB, weight / 4) (a panel of a quarter of the weight's
+// size keeps that traffic below the panel's own), at least 64 rows (MKL's small-M products are
+// slow) and at most 512; but no larger than gives about four tiles per thread, so that the
+// tile count does not leave threads idle. TORCHVISION_CPU_EXT_DEFORM_TILE (pixels) overrides
+// it, for tests (tiles of a few pixels on small inputs) and for measuring.
+int64_t tile_pixels(const Geometry& g, int64_t row_bytes, int64_t weight_bytes) {
+  if (const char* env = std::getenv("TORCHVISION_CPU_EXT_DEFORM_TILE"); env != nullptr && *env != '\0') {
+    const long long v = std::atoll(env);
+    if (v > 0) {
+      return std::min<int64_t>(v, g.OHW);
+    }
+  }
+  constexpr int64_t kMinPanelBytes = int64_t(1) << 20;
+  constexpr int64_t kMinPixels = 64, kMaxPixels = 512;
+  const int64_t budget = std::max(kMinPanelBytes, weight_bytes / 4);
+  int64_t P = std::clamp(budget / std::max<int64_t>(row_bytes, 1), kMinPixels, kMaxPixels);
   const int64_t threads = at::get_num_threads();
   const int64_t tiles_per_image = (4 * threads + g.N - 1) / g.N;
   P = std::min(P, std::max<int64_t>(8, (g.OHW + tiles_per_image - 1) / tiles_per_image));
@@ -386,13 +400,17 @@ void forward_kernel(
     at::Tensor& out,
     bool cl) {
   using acc_t = opmath_t<scalar_t>;
-  const int64_t P = tile_pixels(g, g.cols() * static_cast<int64_t>(sizeof(scalar_t)));
+  const int64_t P = tile_pixels(g, g.cols() * static_cast<int64_t>(sizeof(scalar_t)), wk.nbytes());
   const int64_t tiles = (g.OHW + P - 1) / P;
   const scalar_t* in_p = in.const_data_ptr<scalar_t>();
   const acc_t* off_p = offset.const_data_ptr<acc_t>();
   const acc_t* mask_p = g.use_mask ? mask.const_data_ptr<acc_t>() : nullptr;
   const std::vector<scalar_t> zeros(g.C, scalar_t(0));
+  // at::parallel_for does not carry the caller's dispatch state (inference mode, the guard below
+  // autograd) to its threads; the ATen calls inside need it.
+  const at::ThreadLocalState caller;
   at::parallel_for(0, g.N * tiles, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard same_state(caller);
     std::vector<Sample<acc_t>> plan(g.OG * g.K * P);
     at::Tensor panel = at::empty({P, g.cols()}, in.options().memory_format(at::MemoryFormat::Contiguous));
     for (int64_t t = begin; t < end; ++t) {
@@ -523,7 +541,7 @@ void backward_kernel(
   using Vec = OpVec<scalar_t>;
   constexpr int64_t V = Vec::size();
   // Two opmath panels (dCol and the samples).
-  const int64_t P = tile_pixels(g, 2 * g.cols() * static_cast<int64_t>(sizeof(acc_t)));
+  const int64_t P = tile_pixels(g, 2 * g.cols() * static_cast<int64_t>(sizeof(acc_t)), wk.nbytes());
   const int64_t tiles = (g.OHW + P - 1) / P;
   const int64_t tasks = g.N * S, chunks = gw_parts.size(0);
   const scalar_t* in_p = in.const_data_ptr<scalar_t>();
@@ -534,7 +552,9 @@ void backward_kernel(
   acc_t* gmask_p = g.use_mask ? gmask.mutable_data_ptr<acc_t>() : nullptr;
   const std::vector<scalar_t> zeros(g.C, scalar_t(0));
   const auto opts = go.options().memory_format(at::MemoryFormat::Contiguous);
+  const at::ThreadLocalState caller;  // as in forward_kernel
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    at::ThreadLocalStateGuard same_state(caller);
     std::vector<Sample<acc_t>> plan(g.OG * g.K * P);
     at::Tensor dcol = at::empty({P, g.cols()}, opts);
     at::Tensor cols = at::empty({P, g.cols()}, opts);
