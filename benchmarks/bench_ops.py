@@ -536,6 +536,107 @@ def bench_frozen_bn(threads: int, min_time: float, shapes=None) -> list[dict]:
     return rows
 
 
+# deform_conv2d (issue 18): (a) a 64-channel 3x3 layer, DCNv2 and DCNv1; (b) the deformable 3x3
+# convolutions of detectron2's DCNv2 R50 (res3-res5 at an 800x1216 image), batch 1 and 2.
+DEFORM_CASES = [
+    ((1, 64, 64, 64), True),
+    ((1, 64, 64, 64), False),
+    *[((n, c, h, w), True) for n in (1, 2) for c, h, w in ((128, 100, 152), (256, 50, 76), (512, 25, 38))],
+]
+
+
+def deform_inputs(shape, use_mask: bool, seed: int = 0):
+    """A 3x3, C -> C, stride 1, padding 1 layer's (input, weight, offset, mask, bias) in float32
+    NCHW: offsets of a few pixels (fractional samples, some outside), mask in (0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    x = torch.randn(shape, generator=g)
+    weight = torch.randn(c, c, 3, 3, generator=g) / math.sqrt(9 * c)
+    offset = torch.randn(n, 18, h, w, generator=g) * 2
+    mask = torch.rand(n, 9, h, w, generator=g) if use_mask else torch.zeros(n, 1)
+    return x, weight, offset, mask, torch.randn(c, generator=g)
+
+
+def bench_deform_conv2d(threads: int, min_time: float, cases=None) -> list[dict]:
+    """torchvision::deform_conv2d and its backward: torchvision's fp32 NCHW kernel, ours (NCHW and
+    channels_last fp32, channels_last bf16), and ATen's plain convolution of the same shape
+    (`aten_conv2d`: F.conv2d forward; convolution_backward for input and weight gradients)."""
+    torch.set_num_threads(threads)
+    rows = []
+    labels = [
+        ("torchvision", "nchw", torch.float32),
+        ("ours", "nchw", torch.float32),
+        ("ours", "channels_last", torch.float32),
+        ("ours", "channels_last", torch.bfloat16),
+        ("aten_conv2d", "nchw", torch.float32),
+        ("aten_conv2d", "channels_last", torch.float32),
+        ("aten_conv2d", "channels_last", torch.bfloat16),
+    ]
+    fwd = "torch.ops.torchvision.deform_conv2d(x, w, off, m, b, 1, 1, 1, 1, 1, 1, 1, 1, use_mask)"
+    bwd = "torch.ops.torchvision._deform_conv2d_backward(g, x, w, off, m, b, 1, 1, 1, 1, 1, 1, 1, 1, use_mask)"
+    conv_fwd = "torch.nn.functional.conv2d(x, w, b, 1, 1)"
+    conv_bwd = (
+        "torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, "
+        "[True, True, False])"
+    )
+    for shape, use_mask in cases or DEFORM_CASES:
+        x32, w32, off, mask, b32 = deform_inputs(shape, use_mask)
+        n, c, h, wd = shape
+        name = f"deform_conv2d {list(shape)} 3x3 {'DCNv2' if use_mask else 'DCNv1'}"
+        envs = {}
+        for impl, layout, dtype in labels:
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            x = x32.to(dtype).contiguous(memory_format=fmt)
+            env = {"torch": torch, "x": x, "w": w32.to(dtype), "b": b32.to(dtype), "use_mask": use_mask}
+            env["off"], env["m"] = off.to(dtype), mask.to(dtype)
+            env["g"] = torch.randn(n, c, h, wd).to(dtype).contiguous(memory_format=fmt)
+            envs[impl, layout, dtype] = env
+        for direction in ("forward", "backward"):
+            _say(f"{name} {direction}", threads)
+            stmts = {"aten_conv2d": conv_bwd if direction == "backward" else conv_fwd}
+            configs = [
+                (impl, stmts.get(impl, bwd if direction == "backward" else fwd), envs[impl, layout, dtype])
+                for impl, layout, dtype in labels
+            ]
+            secs = interleaved_seconds(configs, min_time, inference=direction == "forward")
+            baseline = secs[0]
+            conv = {
+                (layout, dtype): sec
+                for sec, (impl, layout, dtype) in zip(secs, labels, strict=True)
+                if impl == "aten_conv2d"
+            }
+            for sec, (impl, layout, dtype) in zip(secs, labels, strict=True):
+                fma = n * c * c * 9 * h * wd * (2 if direction == "backward" else 1)
+                rows.append(
+                    {
+                        "op": "deform_conv2d",
+                        "case": name,
+                        "direction": direction,
+                        "impl": impl,
+                        "layout": layout,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "threads": threads,
+                        "ms": sec * 1e3,
+                        "speedup_vs_torchvision_fp32_nchw": baseline / sec,
+                        "vs_aten_conv2d": sec / conv[layout, dtype],
+                        "gfma_per_s": fma / sec / 1e9,
+                        # The input, output (and in the backward the gradients) once each.
+                        "bytes": (2 if direction == "forward" else 4) * n * c * h * wd * x32.element_size(),
+                        "flops": 2 * fma,
+                    }
+                )
+                print(
+                    f"  {impl:11s} {layout:13s} {rows[-1]['dtype']:8s} {threads}T {sec * 1e3:9.2f} ms"
+                    f"  x{baseline / sec:6.1f} vs tv, {rows[-1]['vs_aten_conv2d']:5.2f}x conv2d",
+                    flush=True,
+                )
+    return rows
+
+
+def _bench_deform_conv2d(a: argparse.Namespace, threads: int, min_time: float) -> list[dict]:
+    return bench_deform_conv2d(threads, min_time, [DEFORM_CASES[0], DEFORM_CASES[3]] if a.quick else None)
+
+
 def _say(what: str, threads: int) -> None:
     print(f"{what} ({threads} thread{'s' if threads > 1 else ''})", flush=True)
 
@@ -568,6 +669,7 @@ BENCHES = {
     **{op: bench_roi_op(op) for op in STATEMENTS},
     "nms": _bench_nms,
     "frozen_batch_norm": _bench_frozen_bn,
+    "deform_conv2d": _bench_deform_conv2d,
 }
 ALL_OPS = _op_table.benchmarked()
 assert sorted(BENCHES) == sorted(ALL_OPS), f"benchmark cases {sorted(BENCHES)} != op table {sorted(ALL_OPS)}"

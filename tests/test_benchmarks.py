@@ -242,3 +242,12 @@ def test_bench_frozen_bn_runs():
     ]
     assert len(rows) == 8 and all(r["ms"] > 0 and r["bytes"] > 0 for r in rows)
     assert rows[0]["speedup_vs_torchvision_fp32_nchw"] == 1.0
+
+
+def test_bench_deform_conv2d_runs():
+    rows = bench_ops.bench_deform_conv2d(1, 0.001, [((1, 8, 6, 7), True)])
+    assert len(rows) == 2 * 7
+    assert {(r["direction"], r["impl"]) for r in rows} >= {("forward", "ours"), ("backward", "aten_conv2d")}
+    baseline = [r for r in rows if r["impl"] == "torchvision"]
+    assert [r["speedup_vs_torchvision_fp32_nchw"] for r in baseline] == [1.0, 1.0]
+    assert all(r["ms"] > 0 and r["vs_aten_conv2d"] > 0 for r in rows)
