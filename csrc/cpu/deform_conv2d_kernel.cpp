@@ -25,8 +25,14 @@
 // - Layout: the gathers want pixel-major input, so an NCHW input is converted to channels_last
 //   once per call (one pass over the input, small next to the GEMM); outputs and input
 //   gradients come back in the input's memory format.
+// - Dtypes: the plan is in opmath (float for bfloat16/half; offset and mask converted once).
+//   The forward's panel and GEMM are in the input's dtype (ATen's reduced GEMM accumulates in
+//   float), so a sample is rounded once, and the output once. The backward's panels, GEMMs and
+//   buffers are opmath, each gradient rounded once at the end and returned in its tensor's
+//   dtype and memory format (grad_bias contiguous).
 // Work is parallel over (image, pixel tile); each task owns its plan and panel, allocated once
-// per thread. Under a parallel region ATen's GEMM runs on the calling thread.
+// per thread. Under a parallel region ATen's GEMM runs on the calling thread, with the
+// caller's dispatch state (inference mode, below autograd) carried over explicitly.
 //
 // Backward (recomputes the plan; no columns tensor either):
 // - dCol = grad_out tile x weight (GEMM), a panel like the forward's.
