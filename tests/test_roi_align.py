@@ -30,9 +30,11 @@ BWD = torch.ops.torchvision._roi_align_backward
 MIXED = torch.ops.torchvision_cpu_ext._roi_align_mixed
 
 # NCHW takes one of two paths (roi_align_kernel.cpp, use_blocked_nchw): channel blocks
-# transposed to pixel-major when the ROIs read more than half the map's pixels, direct per-plane
-# loops otherwise. These shapes land on each side of that line.
-NCHW_PATHS = {"blocked": (2, 3, 9, 10, 12), "direct": (2, 3, 40, 50, 2)}
+# transposed to pixel-major when the ROIs' taps (3 x 4 bins x 2 x 2 samples each) reach half the
+# map's pixels, direct per-plane loops otherwise. These (n, c, h, w, boxes) land on each side of
+# that line: 12 boxes x 48 taps >= 2 x 9 x 10 / 2, and 2 x 48 < 2 x 12 x 16 / 2 (a small map keeps
+# the direct path's gradcheck quick).
+NCHW_PATHS = {"blocked": (2, 3, 9, 10, 12), "direct": (2, 3, 12, 16, 2)}
 
 
 class TestRoIAlign(RoIOpTester):
