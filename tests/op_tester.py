@@ -36,7 +36,13 @@ Hooks:
   bad_cases()       -> [(message regex, callable, args)]
   opcheck_cases(dtype, layout) -> [(op, args)]
 Optional: output(result) (the differentiable output), check_forward, tol(dtype),
-parity_tol(dtype), reduced_backward_tol(dtype), parity_backward_inputs(args).
+parity_tol(dtype), reduced_backward_tol(dtype), parity_backward_inputs(args),
+stock_run_with_grad(args) (what parity compares with).
+
+A new op's tests (deform_conv2d, depthwise conv next): one test file with one subclass of
+OpTester that sets `op`, the grids and `grad_args` (deform_conv2d: input, weight, offset, mask,
+bias) and implements the hooks above; its paths and special values are methods of its own.
+Autocast rules are checked in test_autocast.py, not here.
 """
 
 from __future__ import annotations
@@ -128,6 +134,13 @@ class OpTester:
     def reduced_backward_tol(self, dtype: torch.dtype) -> dict:
         return TOL[dtype]
 
+    def stock_run_with_grad(self, args: tuple) -> tuple[tuple, tuple]:
+        """run_with_grad on the implementation the op replaces: torchvision's own kernels. An op
+        of the package's own (depthwise conv) overrides this with its stock equivalent, and
+        test_matches_torchvision without the needs_native mark."""
+        with torchvision_cpu_ext.disabled():
+            return self.run_with_grad(args)
+
     def parity_backward_inputs(self, args: tuple) -> tuple:
         """The args the parity test differentiates (where torchvision's backward is right)."""
         return args
@@ -218,10 +231,9 @@ class OpTester:
     def test_matches_torchvision(self, dtype, layout, op_kwargs, threads):
         args = self.make_inputs(dtype, layout, True, **op_kwargs)
         backward_args = self.parity_backward_inputs(args)
-        with torchvision_cpu_ext.disabled():
-            tv_outs, tv_grads = self.run_with_grad(args)
-            if backward_args is not args:
-                _, tv_grads = self.run_with_grad(backward_args)
+        tv_outs, tv_grads = self.stock_run_with_grad(args)
+        if backward_args is not args:
+            _, tv_grads = self.stock_run_with_grad(backward_args)
         outs, grads = self.run_with_grad(args)
         if backward_args is not args:
             _, grads = self.run_with_grad(backward_args)
