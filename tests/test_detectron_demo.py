@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from conftest import NATIVE
 
 from detectron_demo import model as demo_model
 from detectron_demo import run as demo_run
@@ -85,7 +84,7 @@ def test_detectron2_backend_fails_clearly_when_absent():
         demo_run.main(["--backend", "detectron2"])
 
 
-@pytest.mark.skipif(not NATIVE, reason="the demo compares with torchvision's kernels, which did not load")
+@pytest.mark.needs_native
 def test_quick_run(tmp_path):
     report = demo_run.main(["--quick", "--size", *map(str, SIZE), "--out", str(tmp_path), "--no-progress"])
     saved = json.loads((tmp_path / "demo_quick.json").read_text())
@@ -102,7 +101,7 @@ def test_quick_run(tmp_path):
     assert ours["frozen_batch_norm_share"] > 0
 
 
-@pytest.mark.skipif(not NATIVE, reason="the demo compares with torchvision's kernels, which did not load")
+@pytest.mark.needs_native
 @pytest.mark.parametrize("kind", ["faster_rcnn", "mask_rcnn"])
 def test_detectron2_quick_run(tmp_path, kind):
     """detectron2's own model (skipped where detectron2 is not importable, as in CI)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NATIVE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import nms as ref_nms
@@ -17,11 +16,8 @@ OP = torch.ops.torchvision.nms
 
 
 def torchvision_nms(boxes, scores, thr):
-    torchvision_cpu_ext.disable()
-    try:
+    with torchvision_cpu_ext.disabled():
         return OP(boxes, scores, thr)
-    finally:
-        torchvision_cpu_ext.enable()
 
 
 def random_case(n: int, seed: int, crowded: bool, ties: bool, special: bool, dtype=torch.float32):
@@ -53,7 +49,7 @@ def random_case(n: int, seed: int, crowded: bool, ties: bool, special: bool, dty
 THRESHOLDS = [0.0, 0.3, 0.5, 0.7, 1.0]
 
 
-@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
+@pytest.mark.needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("crowded", [False, True], ids=["random", "crowded"])
 def test_equals_torchvision(crowded, dtype, threads):
@@ -102,7 +98,7 @@ def test_huge_finite_coordinates():
         assert torch.equal(OP(boxes.float(), scores.float(), thr), nms_rows(boxes.float(), scores.float(), thr))
 
 
-def test_signed_zero_and_nan_scores_order_like_torchvision():
+def test_signed_zero_and_nan_scores_order_like_torchvision(native):
     """-0.0 and +0.0 scores tie (index order), NaN scores come first: the radix sort's keys."""
     boxes, _ = random_case(3000, 11, crowded=True, ties=False, special=False)
     g = torch.Generator().manual_seed(12)
@@ -111,7 +107,7 @@ def test_signed_zero_and_nan_scores_order_like_torchvision():
     ]
     for thr in (0.3, 0.7):
         assert torch.equal(OP(boxes, scores, thr), nms_rows(boxes, scores, thr))
-        if NATIVE:
+        if native:
             assert torch.equal(OP(boxes, scores, thr), torchvision_nms(boxes, scores, thr))
 
 
@@ -196,20 +192,20 @@ small_boxes = st.lists(
     scores=st.lists(st.sampled_from([0.1, 0.2, 0.5, 0.9, 1.0]), min_size=24, max_size=24),
     thr=st.sampled_from([0.0, 1 / 3, 0.5, 2 / 3, 0.7, 1.0]),
 )
-def test_property_matches_reference(boxes, scores, thr):
+def test_property_matches_reference(boxes, scores, thr, native):
     """Small coordinates from a lattice: many exact ties of IoU with the threshold and of scores."""
     b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     s = torch.tensor(scores[: len(boxes)], dtype=torch.float32)
     ours = OP(b, s, thr)
     assert torch.equal(ours, ref_nms(b, s, thr))
-    if NATIVE:
+    if native:  # a session fixture: hypothesis runs every example in one test call
         assert torch.equal(ours, torchvision_nms(b, s, thr))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 @pytest.mark.parametrize("n", [1200, 5000])
-def test_batched_nms_large_path_is_identical(n, ties, dtype, threads):
+def test_batched_nms_large_path_is_identical(n, ties, dtype, threads, native):
     """Above 4000 coordinates torchvision loops over classes in Python (_batched_nms_vanilla);
     ours replaces that loop and must return the very same tensor, including the order of the
     unstable score sort (distinct kept scores: our own sort; ties: the same tensor sort)."""
@@ -221,26 +217,21 @@ def test_batched_nms_large_path_is_identical(n, ties, dtype, threads):
     else:  # distinct
         scores = torch.randperm(n, generator=torch.Generator().manual_seed(4)).float() / n
     boxes, scores = boxes.to(dtype), scores.to(dtype)
-    native = NATIVE and dtype != torch.bfloat16  # torchvision's nms has no bfloat16
+    compare = native and dtype != torch.bfloat16  # torchvision's nms has no bfloat16
     idxs = torch.randint(0, 80, (n,), generator=torch.Generator().manual_seed(3))
     assert tv_boxes._batched_nms_vanilla.__module__ == "torchvision_cpu_ext.ops.nms"
     ours = batched_nms(boxes, scores, idxs, 0.5)
-    if native:
-        torchvision_cpu_ext.disable()
-    try:
-        if native:
+    expected = torch.zeros(n, dtype=torch.bool)
+    for c in torch.unique(idxs):
+        members = torch.where(idxs == c)[0]
+        expected[members[ref_nms(boxes[members], scores[members], 0.5)]] = True
+    kept = torch.where(expected)[0]
+    expected_order = kept[scores[kept].sort(descending=True)[1]]
+    assert torch.equal(ours, expected_order)
+    if compare:
+        with torchvision_cpu_ext.disabled():
             assert tv_boxes._batched_nms_vanilla.__module__ == "torchvision.ops.boxes"
-        expected = torch.zeros(n, dtype=torch.bool)
-        for c in torch.unique(idxs):
-            members = torch.where(idxs == c)[0]
-            expected[members[ref_nms(boxes[members], scores[members], 0.5)]] = True
-        kept = torch.where(expected)[0]
-        expected_order = kept[scores[kept].sort(descending=True)[1]]
-        assert torch.equal(ours, expected_order)
-        if native:
             assert torch.equal(ours, batched_nms(boxes, scores, idxs, 0.5))
-    finally:
-        torchvision_cpu_ext.enable()
 
 
 def test_batched_nms_opcheck_and_errors():
