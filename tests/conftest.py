@@ -8,8 +8,8 @@ from op_tester import torchvision_kernels_loaded
 
 import torchvision_cpu_ext
 
-# torchvision's own compiled kernels are a reference only where they loaded. New tests use the
-# needs_native marker or the `native` fixture; this name stays for the files that import it.
+# torchvision's own compiled kernels are a reference only where they loaded: tests say so with
+# the needs_native / needs_fallback markers or the `native` fixture.
 NATIVE = torchvision_kernels_loaded()
 
 

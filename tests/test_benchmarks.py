@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import NATIVE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import bench_ops  # noqa: E402
 
 # The benchmark compares with torchvision's kernels, which only the native configuration has.
-pytestmark = pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
+pytestmark = pytest.mark.needs_native
 
 
 @pytest.mark.parametrize("op", sorted(bench_ops.STATEMENTS))
