@@ -15,6 +15,7 @@ from detectron_demo import run as demo_run
 SIZE = (256, 352)
 
 
+@pytest.mark.slow  # the full-size model, calibrated: minutes on 2 vCPUs
 def test_calibrated_model_does_full_work():
     # The demo's own size: at small sizes large boxes cannot exist, so the levels shift down.
     m = demo_model.build_model("faster_rcnn")
@@ -31,6 +32,7 @@ def test_calibrated_model_does_full_work():
     assert [len(o["boxes"]) for o in out] == work.detections
 
 
+@pytest.mark.slow
 def test_batch_norm_calibration_normalises_every_layer():
     from torchvision.ops import FrozenBatchNorm2d
 
@@ -85,6 +87,7 @@ def test_detectron2_backend_fails_clearly_when_absent():
         demo_run.main(["--backend", "detectron2"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not NATIVE, reason="the demo compares with torchvision's kernels, which did not load")
 def test_quick_run(tmp_path):
     report = demo_run.main(["--quick", "--size", *map(str, SIZE), "--out", str(tmp_path), "--no-progress"])
