@@ -73,7 +73,7 @@ run() {  # run NAME VENV CAPABILITY TESTS...  (then "--" and pytest's extra argu
     # Built (or failed) once here, not by both pytest workers at once.
     "${envs[@]}" "$venv/bin/python" -c "import torchvision_cpu_ext" 2>&1 | tee -a "$out"
   fi
-  "${envs[@]}" "$venv/bin/python" -m pytest "${tests[@]}" -q -p no:cacheprovider -n 2 \
+  "${envs[@]}" "$venv/bin/python" -m pytest "${tests[@]}" -q -p no:cacheprovider -n 2 --dist worksteal \
     "$@" 2>&1 | tee -a "$out" | grep -E "^(FAILED|ERROR)|(passed|failed|error)"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || status=1
