@@ -90,7 +90,9 @@ def test_detectron2_backend_fails_clearly_when_absent():
 @pytest.mark.slow
 @pytest.mark.skipif(not NATIVE, reason="the demo compares with torchvision's kernels, which did not load")
 def test_quick_run(tmp_path):
-    report = demo_run.main(["--quick", "--size", *map(str, SIZE), "--out", str(tmp_path), "--no-progress"])
+    # No warm-up round: a smoke run times one call per configuration, half the model calls.
+    argv = ["--quick", "--warmup", "0", "--size", *map(str, SIZE)]
+    report = demo_run.main([*argv, "--out", str(tmp_path), "--no-progress"])
     saved = json.loads((tmp_path / "demo_quick.json").read_text())
     assert saved["meta"]["quick"] and (tmp_path / "demo_quick.md").exists()
     configs = {(r["config"]["impl"], r["config"]["layout"], r["config"]["dtype"]) for r in report["results"]}
