@@ -46,6 +46,7 @@ def test_bench_case_runs(op):
         assert r["speedup_vs_torchvision_fp32_nchw"] == pytest.approx(base[r["direction"]] / r["ms"], rel=1e-9)
 
 
+@pytest.mark.slow  # JIT-builds benchmarks/line_floor.cpp (torch/extension.h) on first use
 def test_bench_case_line_floor():
     case = tiny_case("ps_roi_pool")
     rows = bench_ops.bench_case(case, 2, 0.001, ["nchw", "channels_last"], [torch.float32], line_floor=True)
@@ -179,6 +180,7 @@ def test_nms_pairs_counts_the_greedy_loop():
     assert bench_ops.nms_pairs(boxes, scores, 0.5, classes) == expected
 
 
+@pytest.mark.slow
 def test_report_from_a_tiny_run(tmp_path, monkeypatch):
     import report
 

@@ -27,9 +27,13 @@ from torchvision_cpu_ext import _build, _loader
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FLAG = "TORCHVISION_CPU_EXT_WHEEL_TEST"
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get(ENV_FLAG) != "1", reason=f"builds a wheel (minutes): set {ENV_FLAG}=1 (scripts/test.sh does once)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get(ENV_FLAG) != "1",
+        reason=f"builds a wheel (minutes): set {ENV_FLAG}=1 (scripts/test.sh does once)",
+    ),
+]
 
 IMPORT_AND_RUN = """
 import json, torch, torchvision
