@@ -4,7 +4,8 @@
 #   native, the best ISA variant:  the whole suite, with the slow tests (pytest -m slow) and once
 #                                   the wheel test (tests/test_wheel.py)
 #   native, AVX2 and DEFAULT:      the kernel tests (the per-op files below), which are what an
-#                                   ISA variant changes (ATEN_CPU_CAPABILITY selects the variant)
+#                                   ISA variant changes (ATEN_CPU_CAPABILITY selects the variant),
+#                                   but the slow and variant_independent ones (opcheck, compile)
 #   fallback, the best variant:    the whole suite but the slow tests
 # The two environments are set up at once, and the four variants JIT-built at once in the
 # background as soon as their environment is there (pip mostly waits on the disk, a build's
@@ -93,8 +94,9 @@ wait "${builds[@]}"
 # installing it in a fresh environment and loading its prebuilt kernels without a compiler
 # (tests/test_wheel.py).
 TORCHVISION_CPU_EXT_WHEEL_TEST=1 run native-best "$native" "" tests -- "$@"
-run native-avx2 "$native" avx2 "${kernel_tests[@]}" -- "$@"
-run native-default "$native" default "${kernel_tests[@]}" -- "$@"
+lower=(-m "not slow and not variant_independent")  # what a lower ISA variant can change
+run native-avx2 "$native" avx2 "${kernel_tests[@]}" -- "${lower[@]}" "$@"
+run native-default "$native" default "${kernel_tests[@]}" -- "${lower[@]}" "$@"
 run fallback-best "$fallback" "" tests -- -m "not slow" "$@"
 
 echo

@@ -291,6 +291,7 @@ class OpTester:
             with pytest.raises(RuntimeError, match=match):
                 fn(*args)
 
+    @pytest.mark.variant_independent
     def test_opcheck(self, dtype, layout):
         for op, args in self.opcheck_cases(dtype, layout):
             torch.library.opcheck(op, args)

@@ -176,6 +176,7 @@ def test_autograd_uses_torchvisions_expression():
     assert torch.autograd.gradcheck(lambda t: m(t), (x,))
 
 
+@pytest.mark.variant_independent
 def test_opcheck():
     m = make_module(16)
     for x in (
@@ -186,6 +187,7 @@ def test_opcheck():
         torch.library.opcheck(OP, (x, m.weight, m.bias, m.running_mean, m.running_var, m.eps, x.dtype))
 
 
+@pytest.mark.variant_independent
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_torch_compile(layout):
     m = make_module(24)

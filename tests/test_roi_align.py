@@ -247,6 +247,7 @@ class TestRoIAlign(RoIOpTester):
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out, f(x, rois))
 
+    @pytest.mark.variant_independent
     @pytest.mark.parametrize("layout", LAYOUTS)
     def test_torch_compile_inductor(self, layout):
         x = make_input(torch.float32, layout, True).requires_grad_()
