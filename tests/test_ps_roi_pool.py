@@ -155,7 +155,7 @@ class TestPSRoIPool(RoIOpTester):
 
     def test_large_gradient_written_by_streaming_stores(self, threads):
         """grad_input of 32 MiB per thread and more (64 MiB here, so at 1 and 2 threads) is written
-        with non-temporal stores (roi_common.h, stream_grad_input), by planes in NCHW and by row
+        with non-temporal stores (roi_schedule.h, stream_grad_input), by planes in NCHW and by row
         bands in channels_last: both agree."""
         x, rois = large_map_case(C_IN, K=40, n=1, h=700, w=1001)
         g = torch.randn(rois.shape[0], C_OUT, *POOLED, generator=torch.Generator().manual_seed(0))

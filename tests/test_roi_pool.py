@@ -124,7 +124,7 @@ class TestRoIPool(RoIOpTester):
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
     def test_large_gradient_written_by_streaming_stores(self, dtype, threads):
         """grad_input of 32 MiB per thread and more (64 MiB here, so at 1 and 2 threads) is written
-        with non-temporal stores (roi_common.h, stream_grad_input); planes of an odd size start
+        with non-temporal stores (roi_schedule.h, stream_grad_input); planes of an odd size start
         unaligned. The NCHW gradient must equal the channels_last one, which takes the other path
         (each element gets the same adds, in order)."""
         h, w = (200, 331) if dtype == torch.float32 else (400, 331)  # ~68 MB of grad_input either way
