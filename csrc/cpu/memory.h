@@ -4,7 +4,7 @@
 // A fresh output of tens of MB is the largest single cost of a fast kernel here: glibc serves
 // every allocation above its mmap threshold (at most 32 MiB) with a new mapping, which the
 // kernel then faults in page by page, often for longer than the kernel's own work
-// (benchmarks/HISTORY-kernels.md, "Output pool").
+// (benchmarks/HISTORY.md, "Output pool").
 // In a detector the same shapes come back every iteration (a backbone's batch-norm outputs, the
 // box head's RoI features), so large outputs are taken from a small pool of blocks freed by
 // earlier outputs of exactly the same byte size: no mapping, no page faults.

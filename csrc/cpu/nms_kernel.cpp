@@ -20,7 +20,7 @@
 //   above the threshold, so the comparison stays in float lanes without changing any result.
 //
 // NOTE [ nms speed ]
-// The parts, in the order they were added (each one's gain: benchmarks/HISTORY-kernels.md):
+// The parts, in the order they were added (each one's gain: benchmarks/HISTORY.md):
 // - the IoU pairs are almost all of the work, and their cost was not the division but at::vec's
 //   AVX-512 comparisons (mask -> vector -> mask on every blend): the AVX-512 pair loop uses
 //   vmaxps/vminps and mask registers (Lanes<float>), the generic one blends on std::max's own

@@ -21,7 +21,7 @@
 //   for every ROI and is copied on the pooling threads (PsMappingRows).
 //   NOTE [ ps_roi_align channels_last ]: bin-major orders, and ps_roi_pool's sweep of each
 //   image's rows (NOTE [ ps_roi_pool channels_last forward ]) tried with one running sum per y
-//   tap, measured slower than ROI-major items here (benchmarks/HISTORY-kernels.md).
+//   tap, measured slower than ROI-major items here (benchmarks/HISTORY.md).
 // - Backward: the shared position-sensitive driver (ps_drivers.h, NOTE [ position-sensitive
 //   backward ]) with this op's `scatter` (the bin's gradient over its bilinear taps, the
 //   transpose of `pool`) and `touches` (whether a y tap of a row of bins lies in a band).

@@ -28,7 +28,7 @@
 //   of its forward (it fails gradcheck there). Ours uses the forward's bins: the true gradient.
 // - Glue: arguments checked (checks.h, check_ps_backward), outputs allocated in the input's
 //   layout, registration on the switchable override (override.h).
-// The orders that were measured against these: benchmarks/HISTORY-kernels.md.
+// The orders that were measured against these: benchmarks/HISTORY.md.
 #include "checks.h"
 #include "debug_thresholds.h"
 #include "memory.h"

@@ -33,7 +33,7 @@
 // NOTE [ roi_align under autocast ]
 // Like torchvision's kernel, torchvision::roi_align takes rois of the input's dtype only.
 // Under bfloat16/float16 autocast torchvision casts the feature map to float32 and the result
-// back; our AutocastCPU rule (torchvision_cpu_ext/ops/roi_align.py) keeps a reduced feature map
+// back; our AutocastCPU rule (torchvision_cpu_ext/ops/_rules.py) keeps a reduced feature map
 // as it is and casts only the rois to float32 (bfloat16 cannot hold pixel coordinates), then
 // calls torchvision_cpu_ext::_roi_align_mixed: this same forward, accepting that one mixed
 // pair. A separate op keeps the mixed pair an autocast-only case (outside autocast it raises,

@@ -37,7 +37,7 @@
 // - Glue: roi_pool_forward / roi_pool_backward check arguments (checks.h), allocate outputs
 //   (argmax too) from the output pool in the input's layout, and register on the switchable
 //   override (override.h).
-// Band sizes, streaming thresholds and the measurements behind them: benchmarks/HISTORY-kernels.md.
+// Band sizes, streaming thresholds and the measurements behind them: benchmarks/HISTORY.md.
 #include "checks.h"
 #include "debug_thresholds.h"
 #include "memory.h"

@@ -89,7 +89,7 @@ inline int64_t l2_bytes() {
 // bytes) is at least 32 MiB per thread. Below that, a destination written in the previous call
 // (the output pool hands back the same block) may still sit in the caches, whose share grows
 // with the threads used, and ordinary stores hit it; above, streaming saves reading every line
-// before writing it (benchmarks/HISTORY-kernels.md, "streamed gradients").
+// before writing it (benchmarks/HISTORY.md, "streamed gradients").
 inline bool stream_grad_input(const at::Tensor& grad_in) {
   const auto acc = at::toOpMathType(grad_in.scalar_type());
   const size_t threads = static_cast<size_t>(std::max(1, at::get_num_threads()));
@@ -161,7 +161,7 @@ class OwnedGradAccumulator {
 // so they stay in L2 while ROIs scatter into them (scattering into a zeroed map missed the
 // cache on nearly every add), and each is written to grad_input once (bfloat16/half rounded
 // then). A bin whose rows span several bands is visited by each of them, so larger bands do
-// less repeated work until they leave L2 (the callers' sizes are measured there).
+// less repeated work until they leave L2 (the callers' sizes: benchmarks/HISTORY.md).
 template <typename scalar_t, typename Fill>
 void by_bands(scalar_t* grad_in, int64_t N, int64_t C, int64_t H, int64_t W, bool stream, int64_t band_bytes,
               const Fill& fill) {

@@ -70,7 +70,7 @@ inline OpVec<scalar_t> load_strided(const scalar_t* p, int64_t stride, int64_t n
 // full gather). bfloat16/half on AVX-512 gather the aligned 32-bit word holding each element
 // (never past the element's own 4 bytes, so never into another page) and take its half, which
 // beats loading lane by lane. Elsewhere reduced floats load lane by lane (for float, scalar
-// loads through a buffer were slower than a gather). Measurements: benchmarks/HISTORY-kernels.md.
+// loads through a buffer were slower than a gather). Measurements: benchmarks/HISTORY.md.
 template <typename scalar_t>
 class StridedLoad {
  public:
