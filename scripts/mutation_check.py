@@ -79,11 +79,12 @@ def run(m: Mutation, keep: bool) -> bool:
             text=True,
         )
         summary = [line for line in res.stdout.splitlines() if line.startswith("FAILED") or " passed" in line]
-        caught = res.returncode == 1 and any(line.startswith("FAILED") for line in summary)
+        # -x stops at the first failures (pytest-xdist then reports them as an interruption, exit 2).
+        caught = res.returncode != 0 and any(line.startswith("FAILED") for line in summary)
         print(f"[{m.name}] {'CAUGHT' if caught else 'NOT CAUGHT'} in {time.time() - t0:.0f} s (build included)")
         for line in summary[:4]:
             print(f"    {line}")
-        if res.returncode not in (0, 1):
+        if not caught and res.returncode != 0:
             print(res.stdout[-2000:], res.stderr[-2000:])
         return caught
     finally:
