@@ -11,6 +11,7 @@ from reference import nms_rows
 from torchvision.ops import batched_nms, nms
 
 import torchvision_cpu_ext
+from torchvision_cpu_ext import _debug
 
 OP = torch.ops.torchvision.nms
 
@@ -80,12 +81,35 @@ def test_row_reference_equals_pair_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("crowded", [False, True], ids=["random", "crowded"])
 def test_large_inputs_equal_reference(crowded, dtype, threads):
-    """Thousands of boxes: many blocks, the spatial pruning (finite boxes, threshold >= 0) with
-    its compaction, and the unpruned path (NaN/inf boxes, or a negative threshold)."""
-    for seed, (n, special) in enumerate([(5000, False), (6007, True)]):
+    """Hundreds of boxes with the large-input paths forced (nms_radix_min=0: the radix sort,
+    nms_parallel_work=1: every block's suppression split across the threads): many blocks, the
+    spatial pruning (finite boxes, threshold >= 0) with its compaction, and the unpruned path
+    (NaN/inf boxes, or a negative threshold). Crowded boxes need more of them for several
+    blocks (a block grows up to 512 boxes while few are kept)."""
+    sizes = [(1100, False), (1207, True)] if crowded else [(300, False), (307, True)]
+    for seed, (n, special) in enumerate(sizes):
         boxes, scores = random_case(n, 100 + seed, crowded, ties=seed == 1, special=special, dtype=dtype)
         for thr in (-0.1, 0.0, 0.5, 0.7):
-            assert torch.equal(OP(boxes, scores, thr), nms_rows(boxes, scores, thr)), (n, thr)
+            with _debug.thresholds(nms_radix_min=0, nms_parallel_work=1):
+                forced = OP(boxes, scores, thr)
+            assert torch.equal(forced, nms_rows(boxes, scores, thr)), (n, thr)
+            assert torch.equal(forced, OP(boxes, scores, thr)), (n, thr)  # default paths
+
+
+@pytest.mark.slow
+def test_large_inputs_at_default_thresholds():
+    """Thousands of boxes at the kernel's own thresholds: the sizes at which the radix sort and
+    the multi-threaded suppression (2 threads) are chosen without any override, once."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for crowded in (False, True):
+            for seed, (n, special) in enumerate([(5000, False), (6007, True)]):
+                boxes, scores = random_case(n, 100 + seed, crowded, ties=seed == 1, special=special)
+                for thr in (-0.1, 0.0, 0.5, 0.7):
+                    assert torch.equal(OP(boxes, scores, thr), nms_rows(boxes, scores, thr)), (n, thr)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_huge_finite_coordinates():

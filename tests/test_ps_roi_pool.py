@@ -24,6 +24,7 @@ from roi_cases import (
 from torchvision.ops import ps_roi_pool
 
 import torchvision_cpu_ext
+from torchvision_cpu_ext import _debug
 
 OP = torch.ops.torchvision.ps_roi_pool
 BWD = torch.ops.torchvision._ps_roi_pool_backward
@@ -125,26 +126,31 @@ class TestPSRoIPool(RoIOpTester):
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
     def test_channels_last_sweep_in_groups_of_rois(self, dtype, threads):
-        """Thousands of boxes on one image: the channels_last sweep takes them in groups (its
-        running sums bounded to 4 MiB, ~1300 boxes at 7x7 in float), still equal to NCHW."""
-        x, rois = large_map_case(2 * 49, K=3000, n=1, h=23, w=31)
+        """Many boxes on one image: the channels_last sweep takes them in groups (its running
+        sums bounded to 4 MiB by default, ~1300 boxes at 7x7 in float; here 8 KiB through
+        ps_roi_pool_group_bytes, a few boxes per group), still equal to NCHW and to one group."""
+        x, rois = large_map_case(2 * 49, K=60, n=1, h=23, w=31)
         rois = rois.to(dtype)
-        x = x.to(dtype)
-        nchw, _ = OP(x, rois, SCALE, 7, 7)
-        cl, _ = OP(x.contiguous(memory_format=torch.channels_last), rois, SCALE, 7, 7)
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        nchw, _ = OP(x.contiguous(), rois, SCALE, 7, 7)
+        with _debug.thresholds(ps_roi_pool_group_bytes=8 << 10):
+            cl, _ = OP(x, rois, SCALE, 7, 7)
         assert torch.equal(nchw, cl) and (cl != 0).float().mean() > 0.5
+        assert torch.equal(cl, OP(x, rois, SCALE, 7, 7)[0])  # the default: one group
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
     def test_backward_layouts_agree_on_a_large_map(self, dtype, threads):
         """channels_last fills grad_input by row bands, NCHW by planes: on a map of several bands
-        both give the same gradient (each element gets the same adds in the same order)."""
-        x, rois = large_map_case(C_IN)
+        (3 rows of fp32 here, through grad_band_bytes) both give the same gradient (each element
+        gets the same adds in the same order)."""
+        x, rois = large_map_case(C_IN, h=29, w=37)
         rois = rois.to(dtype)
         g = torch.randn(rois.shape[0], C_OUT, *POOLED, generator=torch.Generator().manual_seed(0)).to(dtype)
         _, mapping = OP(x.to(dtype), rois, SCALE, *POOLED)
         args = (rois, mapping, SCALE, *POOLED, *x.shape)
         nchw = BWD(g, *args)
-        cl = BWD(g.contiguous(memory_format=torch.channels_last), *args)
+        with _debug.thresholds(grad_band_bytes=3 * x.shape[3] * C_IN * 4):
+            cl = BWD(g.contiguous(memory_format=torch.channels_last), *args)
         assert cl.dtype == dtype and cl.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(nchw, cl)
         assert (nchw != 0).any(3).any(1).any(0).float().mean() > 0.9  # gradient in nearly every row
@@ -154,15 +160,18 @@ class TestPSRoIPool(RoIOpTester):
         torch.testing.assert_close(cl.double(), x64.grad, **TOL[dtype])
 
     def test_large_gradient_written_by_streaming_stores(self, threads):
-        """grad_input of 32 MiB per thread and more (64 MiB here, so at 1 and 2 threads) is written
-        with non-temporal stores (roi_schedule.h, stream_grad_input), by planes in NCHW and by row
-        bands in channels_last: both agree."""
-        x, rois = large_map_case(C_IN, K=40, n=1, h=700, w=1001)
+        """grad_input of 32 MiB per thread and more is written with non-temporal stores
+        (roi_schedule.h, stream_grad_input); stream_grad_bytes=0 takes that path on a small map,
+        by planes in NCHW and by row bands (3 rows here) in channels_last: both agree, and give
+        the cached stores' bits."""
+        x, rois = large_map_case(C_IN, K=40, n=1, h=29, w=37)
         g = torch.randn(rois.shape[0], C_OUT, *POOLED, generator=torch.Generator().manual_seed(0))
         _, mapping = OP(x, rois, SCALE, *POOLED)
         args = (rois, mapping, SCALE, *POOLED, *x.shape)
-        nchw = BWD(g, *args)
-        assert nchw.nbytes >= 64 << 20
-        cl = BWD(g.contiguous(memory_format=torch.channels_last), *args)
+        with _debug.thresholds(stream_grad_bytes=0, grad_band_bytes=3 * x.shape[3] * C_IN * 4):
+            nchw = BWD(g, *args)
+            cl = BWD(g.contiguous(memory_format=torch.channels_last), *args)
         assert torch.equal(nchw, cl)
         assert (nchw != 0).any(3).any(1).any(0).float().mean() > 0.9
+        with _debug.thresholds(stream_grad_bytes=1 << 40):
+            assert torch.equal(nchw, BWD(g, *args))

@@ -22,6 +22,7 @@ from roi_cases import (
 )
 
 import torchvision_cpu_ext
+from torchvision_cpu_ext import _debug
 
 OP = torch.ops.torchvision.roi_pool
 BWD = torch.ops.torchvision._roi_pool_backward
@@ -123,59 +124,69 @@ class TestRoIPool(RoIOpTester):
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
     def test_large_gradient_written_by_streaming_stores(self, dtype, threads):
-        """grad_input of 32 MiB per thread and more (64 MiB here, so at 1 and 2 threads) is written
-        with non-temporal stores (roi_schedule.h, stream_grad_input); planes of an odd size start
-        unaligned. The NCHW gradient must equal the channels_last one, which takes the other path
-        (each element gets the same adds, in order)."""
-        h, w = (200, 331) if dtype == torch.float32 else (400, 331)  # ~68 MB of grad_input either way
+        """grad_input of 32 MiB per thread and more is written with non-temporal stores
+        (roi_schedule.h, stream_grad_input); stream_grad_bytes=0 takes that path on a small map,
+        whose planes of an odd size start unaligned. The NCHW gradient must equal the
+        channels_last one, which takes the other path (each element gets the same adds, in
+        order), and the cached stores' bits."""
+        h, w = 23, 33
         g = torch.Generator().manual_seed(5)
-        x = torch.randn(1, 256, h, w, generator=g).to(dtype)
+        x = torch.randn(1, 19, h, w, generator=g).to(dtype)
         img = torch.tensor([w / SCALE, h / SCALE])
         xy = torch.rand(40, 2, generator=g) * img - 4
         rois = torch.cat([torch.zeros(40, 1), xy, xy + torch.rand(40, 2, generator=g) * img / 2], 1).to(dtype)
         _, argmax = OP(x, rois, SCALE, *POOLED)
         grad = torch.randn(argmax.shape, generator=g).to(dtype)
-        nchw = BWD(grad, rois, argmax, SCALE, *POOLED, *x.shape)
-        assert nchw.nbytes >= 64 << 20
         cl_args = (
             grad.contiguous(memory_format=torch.channels_last),
             rois,
             argmax.contiguous(memory_format=torch.channels_last),
         )
-        cl = BWD(*cl_args, SCALE, *POOLED, *x.shape)
+        with _debug.thresholds(stream_grad_bytes=0, grad_band_bytes=4 * w * 19 * 4):
+            nchw = BWD(grad, rois, argmax, SCALE, *POOLED, *x.shape)
+            cl = BWD(*cl_args, SCALE, *POOLED, *x.shape)
+        assert h * w * x.element_size() % 64 != 0  # planes after the first start unaligned
         assert torch.equal(nchw, cl)
         assert nchw.count_nonzero() > 0
+        with _debug.thresholds(stream_grad_bytes=1 << 40):
+            assert torch.equal(nchw, BWD(grad, rois, argmax, SCALE, *POOLED, *x.shape))
 
-    @pytest.mark.parametrize(("boxes", "images"), [(60, 2), (900, 1)], ids=["cached", "streamed"])
+    @pytest.mark.parametrize(("boxes", "images"), [(60, 2), (150, 1)], ids=["cached", "streamed"])
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_channels_last_bands(self, dtype, boxes, images, threads, native):
         """channels_last forward sweeps each (image, block of 4 vectors of channels) in bands of
-        rows (~256 KiB of the block's lines: 4 rows of fp32 here) and carries the state of bins
-        spanning bands in scratch slots; 70 channels give full blocks and a partial one, one image
-        splits its boxes into chunks across threads, and results of 16 MiB and more are written
-        with non-temporal stores (rows of 70 channels start unaligned). Equal to the NCHW path, an
-        independent loop, and to torchvision's kernel where it has the dtype."""
-        x, rois = large_map_case(70, K=boxes, seed=7, n=images)
+        rows (~256 KiB of the block's lines by default; a few rows here through
+        roi_pool_band_bytes) and carries the state of bins spanning bands in scratch slots; 70
+        channels give full blocks and a partial one, one image splits its boxes into chunks
+        across threads, and results of 16 MiB and more (any size here with
+        roi_pool_stream_bytes=0) are written with non-temporal stores (rows of 70 channels start
+        unaligned). Equal to the NCHW path, an independent loop, and to torchvision's kernel
+        where it has the dtype."""
+        x, rois = large_map_case(70, K=boxes, seed=7, n=images, h=29, w=37)
         x, rois = x.to(dtype), rois.to(dtype)
-        out, argmax = OP(x.contiguous(memory_format=torch.channels_last), rois, SCALE, 7, 7)
+        w = x.shape[3]
+        stream = 0 if boxes == 150 else 1 << 40
+        # ~3 rows of the widest block (4 vectors of 64 bytes): more rows at narrower vectors.
+        with _debug.thresholds(roi_pool_band_bytes=3 * w * 256, roi_pool_stream_bytes=stream):
+            out, argmax = OP(x.contiguous(memory_format=torch.channels_last), rois, SCALE, 7, 7)
         assert out.is_contiguous(memory_format=torch.channels_last)
-        if boxes == 900:
-            assert out.nbytes + argmax.nbytes >= 16 << 20
         exp_out, exp_arg = OP(x, rois, SCALE, 7, 7)
         assert torch.equal(out, exp_out) and torch.equal(argmax, exp_arg)
         assert (argmax >= 0).float().mean() > 0.5  # most bins hold pixels
-        # The backward takes the same map in bands of rows (3/4 of L2 of opmath elements: 21 rows of
-        # fp32 with a 2 MiB L2), visiting the bins that meet each band: equal to the NCHW path.
+        # The backward takes the same map in bands of rows (3/4 of L2 of opmath elements by
+        # default; 3 rows of fp32 here through grad_band_bytes), visiting the bins that meet each
+        # band: equal to the NCHW path.
         grad = torch.randn(argmax.shape, generator=torch.Generator().manual_seed(8)).to(dtype)
-        cl_grad = BWD(
-            grad.contiguous(memory_format=torch.channels_last),
-            rois,
-            argmax.contiguous(memory_format=torch.channels_last),
-            SCALE,
-            7,
-            7,
-            *x.shape,
-        )
+        with _debug.thresholds(grad_band_bytes=3 * w * 70 * 4):
+            cl_grad = BWD(
+                grad.contiguous(memory_format=torch.channels_last),
+                rois,
+                argmax.contiguous(memory_format=torch.channels_last),
+                SCALE,
+                7,
+                7,
+                *x.shape,
+            )
         assert cl_grad.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(cl_grad, BWD(grad, rois, argmax, SCALE, 7, 7, *x.shape))
         if native and dtype in (torch.float32, torch.float64):
@@ -186,10 +197,11 @@ class TestRoIPool(RoIOpTester):
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
     def test_backward_argmax_outside_its_bin(self, dtype):
         """torchvision's backward adds each gradient at its argmax, wherever that is. The banded
-        channels_last backward visits only the bins meeting a band, so it checks that every argmax
-        lies in its bin's rows and otherwise takes the general path: an argmax moved elsewhere on
-        the map (or to -1) gives the same gradient as the NCHW path."""
-        x, rois = large_map_case(70, K=30, seed=9)
+        channels_last backward (bands of 2 rows of fp32 here, through grad_band_bytes) visits
+        only the bins meeting a band, so it checks that every argmax lies in its bin's rows and
+        otherwise takes the general path: an argmax moved elsewhere on the map (or to -1) gives
+        the same gradient as the NCHW path."""
+        x, rois = large_map_case(70, K=30, seed=9, h=29, w=37)
         x, rois = x.to(dtype), rois.to(dtype)
         _, argmax = OP(x, rois, SCALE, 7, 7)
         moved = argmax.clone()
@@ -198,15 +210,16 @@ class TestRoIPool(RoIOpTester):
         moved[5, 7, 0, 0] = -1
         grad = torch.randn(argmax.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
         for a in (argmax, moved):
-            cl = BWD(
-                grad.contiguous(memory_format=torch.channels_last),
-                rois,
-                a.contiguous(memory_format=torch.channels_last),
-                SCALE,
-                7,
-                7,
-                *x.shape,
-            )
+            with _debug.thresholds(grad_band_bytes=2 * x.shape[3] * 70 * 4):
+                cl = BWD(
+                    grad.contiguous(memory_format=torch.channels_last),
+                    rois,
+                    a.contiguous(memory_format=torch.channels_last),
+                    SCALE,
+                    7,
+                    7,
+                    *x.shape,
+                )
             assert torch.equal(cl, BWD(grad, rois, a, SCALE, 7, 7, *x.shape))
         assert cl[rois[3, 0].long(), 5, 0, 0] != 0
 
