@@ -27,7 +27,7 @@ import torchvision
 import torchvision_cpu_ext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ops import CASES, FBN_SHAPES, NMS_CASES, nms_boxes, proposal_boxes  # noqa: E402
+from bench_ops import CASES, FBN_SHAPES, NMS_CASES, case_inputs, nms_boxes  # noqa: E402
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 DTYPES = (torch.float32, torch.bfloat16)
@@ -50,13 +50,9 @@ def digest(t: torch.Tensor) -> dict:
 
 def roi_outputs(case) -> Iterator[tuple[str, torch.Tensor]]:
     """The outputs of one RoI case, as bench_case runs them on our kernels."""
-    torch.manual_seed(0)
-    x32 = torch.randn(case.shape)
-    rois = proposal_boxes(case)
+    x32, rois, grad32 = case_inputs(case)
     p = case.pooled
     n, c, h, w = case.shape
-    c_out = c // (p * p) if case.op.startswith("ps_") else c
-    grad32 = torch.randn(case.boxes, c_out, p, p)
     ops = torch.ops.torchvision
     for layout, fmt in LAYOUTS.items():
         for dtype in DTYPES:
