@@ -9,10 +9,12 @@ also gets the digests (_build.MANIFEST), since it has no csrc/ to hash, and a co
 sources for a JIT build where no variant fits. Nothing here uses -march=native.
 """
 
+import functools
 import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -29,15 +31,41 @@ VARIANTS = _build.variants_to_build(os.environ.get(_build.VARIANTS_ENV))
 
 
 class PerVariantBuild(BuildExtension):
-    """Each variant compiles the same sources with other flags: give each its own object dir."""
+    """Each variant compiles the same sources with other flags: give each its own object dir,
+    and its own precompiled header of the library headers (_build.PCH_HEADERS), made by the
+    same compile call as the sources (so with exactly their flags) before them."""
 
     def build_extension(self, ext: Extension) -> None:
-        base = self.build_temp
+        base, compile_ = self.build_temp, self.compiler.compile
         self.build_temp = str(Path(base) / ext.name)
+        self.compiler.compile = functools.partial(self._compile_with_pch, compile_)
         try:
             super().build_extension(ext)
         finally:
-            self.build_temp = base
+            self.build_temp, self.compiler.compile = base, compile_
+
+    @staticmethod
+    def _compile_with_pch(compile_, sources, output_dir=None, *args, extra_preargs=None, extra_postargs=None, **kw):
+        pch_dir = Path(output_dir or ".").resolve() / "pch"
+        pch_dir.mkdir(parents=True, exist_ok=True)
+        header = pch_dir / _build.PCH_NAME
+        source = header.with_suffix(".cpp")  # a source name the compiler wrapper accepts; -x says header
+        source.write_text(_build.pch_text())
+        header.write_text(_build.pch_text())
+        try:
+            (gch,) = compile_(
+                [str(source)],
+                str(pch_dir),
+                *args,
+                extra_preargs=[*(extra_preargs or []), "-x", "c++-header"],
+                extra_postargs=extra_postargs,
+                **kw,
+            )
+            os.replace(gch, f"{header}.gch")
+            extra_postargs = [*(extra_postargs or []), "-include", str(header), "-Winvalid-pch"]
+        except Exception as e:  # parse the headers in every unit, as without it
+            print(f"torchvision_cpu_ext: no precompiled header ({e}); compiling without", file=sys.stderr)
+        return compile_(sources, output_dir, *args, extra_preargs=extra_preargs, extra_postargs=extra_postargs, **kw)
 
 
 class BuildPyWithManifest(build_py):

@@ -236,11 +236,15 @@ def input_lines(case: Case, masks: np.ndarray, layout: str, element_size: int) -
 
 
 @functools.cache
+@functools.cache
 def line_floor_module():
-    """benchmarks/line_floor.cpp, built on first use (torch.utils.cpp_extension's cache)."""
+    """benchmarks/line_floor.cpp, built on first use (torch.utils.cpp_extension's cache): its
+    ops, `read_lines` among them."""
     from torch.utils.cpp_extension import load
 
-    return load("tvce_bench_line_floor", [str(Path(__file__).with_name("line_floor.cpp"))], extra_cflags=["-O3"])
+    src = str(Path(__file__).with_name("line_floor.cpp"))
+    load("tvce_bench_line_floor", [src], extra_cflags=["-O3"], is_python_module=False)
+    return torch.ops.tvce_bench
 
 
 def median_seconds(stmt: str, env: dict, min_run_time: float) -> float:
@@ -269,18 +273,26 @@ def interleaved_seconds(configs: list[tuple[str, str, dict]], min_time: float, i
     return [statistics.median(t) for t in rounds]
 
 
+def case_inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A RoI case's seeded float32 inputs: the feature map, its boxes and an output gradient
+    (its ops' outputs have C, or C / pooled^2 for the ps ops, channels)."""
+    torch.manual_seed(0)
+    x32 = torch.randn(case.shape)
+    rois = proposal_boxes(case)
+    p, c = case.pooled, case.shape[1]
+    c_out = c // (p * p) if case.op.startswith("ps_") else c
+    return x32, rois, torch.randn(case.boxes, c_out, p, p)
+
+
 def bench_case(case: Case, threads: int, min_time: float, layouts, dtypes, line_floor: bool = False) -> list[dict]:
     """Every configuration of `case` at `threads` threads, forward and backward; with `line_floor`
     the forward rows also carry `line_floor_ms`, the line-read floor of their layout and dtype
     (WORK_MODEL), timed in turn with them."""
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    x32 = torch.randn(case.shape)
-    rois = proposal_boxes(case)
+    x32, rois, grad32 = case_inputs(case)
     p = case.pooled
     n, c, h, w = case.shape
-    c_out = c // (p * p) if case.op.startswith("ps_") else c
-    grad32 = torch.randn(case.boxes, c_out, p, p)
+    c_out = grad32.size(1)
     # Multiply-adds of the bilinear sampling (4 per sample and output element); pooling has none.
     fmas = case.boxes * c_out * p * p * case.sampling_ratio**2 * 4 if case.op.endswith("align") else 0
     work = work_model(case, rois)

@@ -17,7 +17,9 @@ common=(ninja numpy pytest pytest-xdist hypothesis expecttest ruff)
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv" >&2
 fi
-pip_install() { "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" >&2; }
+# --no-compile: pip would byte-compile every module it installs (~30 CPU-seconds for torch and its
+# dependencies); Python compiles the few hundred a run imports on first import instead.
+pip_install() { "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-compile "$@" >&2; }
 if [ "$config" = native ]; then
   # Both pinned: torchvision 0.29.2 alone would accept any torch>=2.14.
   # matplotlib: the benchmark report's plots; tqdm: the demo's progress bar.

@@ -4,12 +4,39 @@ from __future__ import annotations
 
 import pytest
 import torch
+from op_tester import torchvision_kernels_loaded
 
 import torchvision_cpu_ext
-from torchvision_cpu_ext import _registry
 
-# torchvision's own compiled kernels are a reference only where they loaded.
-NATIVE = _registry.mode() == _registry.MODE_OVERRIDE
+# torchvision's own compiled kernels are a reference only where they loaded: tests say so with
+# the needs_native / needs_fallback markers or the `native` fixture.
+NATIVE = torchvision_kernels_loaded()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "needs_native: needs torchvision's own compiled kernels (skipped where they did not load)"
+    )
+    config.addinivalue_line(
+        "markers", "needs_fallback: only without torchvision's compiled kernels (the fallback configuration)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_native = pytest.mark.skip(reason="torchvision's compiled kernels are not loaded")
+    skip_fallback = pytest.mark.skip(reason="only without torchvision's compiled kernels")
+    for item in items:
+        if not NATIVE and item.get_closest_marker("needs_native"):
+            item.add_marker(skip_native)
+        if NATIVE and item.get_closest_marker("needs_fallback"):
+            item.add_marker(skip_fallback)
+
+
+@pytest.fixture(scope="session")
+def native() -> bool:
+    """Whether torchvision's own compiled kernels loaded, for a test that also compares with
+    them where it can (session-scoped, so hypothesis tests may use it too)."""
+    return NATIVE
 
 
 @pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
@@ -25,8 +52,5 @@ def torchvision_kernels():
     """Runs the test body on torchvision's own kernels, then gives ours back."""
     if not NATIVE:
         pytest.skip("torchvision's compiled kernels are not loaded in this configuration")
-    torchvision_cpu_ext.disable()
-    try:
+    with torchvision_cpu_ext.disabled():
         yield
-    finally:
-        torchvision_cpu_ext.enable()

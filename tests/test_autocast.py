@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torchvision
-from conftest import NATIVE
 
 import torchvision_cpu_ext
 
@@ -208,7 +207,7 @@ def test_ours_as_stock(case):
         assert out.dtype == want
 
 
-@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
+@pytest.mark.needs_native
 @pytest.mark.parametrize("case", MATRIX, ids=_ids)
 def test_stock_outcome_is_torchvisions(case):
     """stock_outcome states what torchvision's own kernels do, and ours match their values."""

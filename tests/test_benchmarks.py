@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import NATIVE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import bench_ops  # noqa: E402
 
 # The benchmark compares with torchvision's kernels, which only the native configuration has.
-pytestmark = pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
+pytestmark = pytest.mark.needs_native
 
 
 @pytest.mark.parametrize("op", sorted(bench_ops.STATEMENTS))
@@ -47,6 +46,7 @@ def test_bench_case_runs(op):
         assert r["speedup_vs_torchvision_fp32_nchw"] == pytest.approx(base[r["direction"]] / r["ms"], rel=1e-9)
 
 
+@pytest.mark.slow  # JIT-builds benchmarks/line_floor.cpp (torch/extension.h) on first use
 def test_bench_case_line_floor():
     case = tiny_case("ps_roi_pool")
     rows = bench_ops.bench_case(case, 2, 0.001, ["nchw", "channels_last"], [torch.float32], line_floor=True)
@@ -180,6 +180,7 @@ def test_nms_pairs_counts_the_greedy_loop():
     assert bench_ops.nms_pairs(boxes, scores, 0.5, classes) == expected
 
 
+@pytest.mark.slow
 def test_report_from_a_tiny_run(tmp_path, monkeypatch):
     import report
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from conftest import NATIVE
 from reference import box_iou_rotated as ref_iou
 
 import torchvision_cpu_ext
@@ -52,7 +51,7 @@ def test_kernel_is_ours():
     assert cpu_kernel_owner("box_iou_rotated") == "torchvision_cpu_ext"
 
 
-@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
+@pytest.mark.needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_equals_torchvision(dtype, threads):
     for seed, n in enumerate([1, 7, 64, 200]):

@@ -15,7 +15,6 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NATIVE
 from test_frozen_batch_norm import fill, make_input
 
 import torchvision_cpu_ext
@@ -129,7 +128,7 @@ def stand_in(tmp_path, monkeypatch):
     fbn._register_d2()
 
 
-def test_import_hook_patches_on_import_and_disable_restores(stand_in):
+def test_import_hook_patches_on_import_and_disable_restores(stand_in, native):
     mod = importlib.import_module(stand_in)
     cls = mod.FrozenBatchNorm2d
     assert fbn.is_d2_forward(cls.forward)
@@ -138,7 +137,7 @@ def test_import_hook_patches_on_import_and_disable_restores(stand_in):
         x = make_input((2, 40, 6, 7), torch.float32, layout)
         out, fused = run(m, x)
         assert fused and torch.equal(out, original(m, x))
-    if NATIVE:
+    if native:
         with torchvision_cpu_ext.disabled():
             assert not fbn.is_d2_forward(cls.forward) and fbn._state["d2_hook"] not in sys.meta_path
             out, fused = run(m, x)
@@ -146,9 +145,8 @@ def test_import_hook_patches_on_import_and_disable_restores(stand_in):
         assert fbn.is_d2_forward(cls.forward)  # already imported: patched by enable() itself
 
 
+@pytest.mark.needs_native  # disable() refuses without torchvision's compiled ops
 def test_enable_patches_an_already_imported_module(stand_in):
-    if not NATIVE:
-        pytest.skip("disable() refuses without torchvision's compiled ops")
     with torchvision_cpu_ext.disabled():
         mod = importlib.import_module(stand_in)
         assert not fbn.is_d2_forward(mod.FrozenBatchNorm2d.forward)
@@ -205,11 +203,11 @@ def d2_layers():
     return pytest.importorskip("detectron2.layers")
 
 
-def test_detectron2_class_is_patched_and_restored(d2_layers):
+def test_detectron2_class_is_patched_and_restored(d2_layers, native):
     cls = d2_layers.FrozenBatchNorm2d
     assert fbn.is_d2_forward(cls.forward)
     assert torchvision_cpu_ext.info()["python"]["detectron2 FrozenBatchNorm2d.forward"] == "torchvision_cpu_ext"
-    if NATIVE:
+    if native:
         with torchvision_cpu_ext.disabled():
             assert cls.forward.__module__ == "detectron2.layers.batch_norm" and not fbn.is_d2_forward(cls.forward)
             assert torchvision_cpu_ext.info()["python"]["detectron2 FrozenBatchNorm2d.forward"] == "detectron2"

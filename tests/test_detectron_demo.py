@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from conftest import NATIVE
 
 from detectron_demo import model as demo_model
 from detectron_demo import run as demo_run
@@ -15,6 +14,7 @@ from detectron_demo import run as demo_run
 SIZE = (256, 352)
 
 
+@pytest.mark.slow  # the full-size model, calibrated: minutes on 2 vCPUs
 def test_calibrated_model_does_full_work():
     # The demo's own size: at small sizes large boxes cannot exist, so the levels shift down.
     m = demo_model.build_model("faster_rcnn")
@@ -31,6 +31,7 @@ def test_calibrated_model_does_full_work():
     assert [len(o["boxes"]) for o in out] == work.detections
 
 
+@pytest.mark.slow
 def test_batch_norm_calibration_normalises_every_layer():
     from torchvision.ops import FrozenBatchNorm2d
 
@@ -85,9 +86,12 @@ def test_detectron2_backend_fails_clearly_when_absent():
         demo_run.main(["--backend", "detectron2"])
 
 
-@pytest.mark.skipif(not NATIVE, reason="the demo compares with torchvision's kernels, which did not load")
+@pytest.mark.slow
+@pytest.mark.needs_native  # the demo compares with torchvision's kernels
 def test_quick_run(tmp_path):
-    report = demo_run.main(["--quick", "--size", *map(str, SIZE), "--out", str(tmp_path), "--no-progress"])
+    # No warm-up round: a smoke run times one call per configuration, half the model calls.
+    argv = ["--quick", "--warmup", "0", "--size", *map(str, SIZE)]
+    report = demo_run.main([*argv, "--out", str(tmp_path), "--no-progress"])
     saved = json.loads((tmp_path / "demo_quick.json").read_text())
     assert saved["meta"]["quick"] and (tmp_path / "demo_quick.md").exists()
     configs = {(r["config"]["impl"], r["config"]["layout"], r["config"]["dtype"]) for r in report["results"]}
@@ -102,7 +106,7 @@ def test_quick_run(tmp_path):
     assert ours["frozen_batch_norm_share"] > 0
 
 
-@pytest.mark.skipif(not NATIVE, reason="the demo compares with torchvision's kernels, which did not load")
+@pytest.mark.needs_native
 @pytest.mark.parametrize("kind", ["faster_rcnn", "mask_rcnn"])
 def test_detectron2_quick_run(tmp_path, kind):
     """detectron2's own model (skipped where detectron2 is not importable, as in CI)."""

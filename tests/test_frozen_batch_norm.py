@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NATIVE
 from torch._inductor import config as inductor_config
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -63,14 +62,14 @@ def test_module_forward_is_ours_while_enabled():
     assert FrozenBatchNorm2d.forward is fbn.forward
 
 
-@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
+@pytest.mark.needs_native
 def test_disable_gives_torchvisions_forward_back():
     with torchvision_cpu_ext.disabled():
         assert FrozenBatchNorm2d.forward is not fbn.forward
     assert FrozenBatchNorm2d.forward is fbn.forward
 
 
-@pytest.mark.skipif(NATIVE, reason="only without torchvision's compiled ops")
+@pytest.mark.needs_fallback
 def test_fallback_keeps_the_fused_forward():
     """Without torchvision's compiled ops there is nothing to give back: disable() refuses and
     the module keeps our forward."""
@@ -177,6 +176,7 @@ def test_autograd_uses_torchvisions_expression():
     assert torch.autograd.gradcheck(lambda t: m(t), (x,))
 
 
+@pytest.mark.variant_independent
 def test_opcheck():
     m = make_module(16)
     for x in (
@@ -187,6 +187,7 @@ def test_opcheck():
         torch.library.opcheck(OP, (x, m.weight, m.bias, m.running_mean, m.running_var, m.eps, x.dtype))
 
 
+@pytest.mark.variant_independent
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_torch_compile(layout):
     m = make_module(24)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NATIVE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import nms as ref_nms
@@ -12,16 +11,14 @@ from reference import nms_rows
 from torchvision.ops import batched_nms, nms
 
 import torchvision_cpu_ext
+from torchvision_cpu_ext import _debug
 
 OP = torch.ops.torchvision.nms
 
 
 def torchvision_nms(boxes, scores, thr):
-    torchvision_cpu_ext.disable()
-    try:
+    with torchvision_cpu_ext.disabled():
         return OP(boxes, scores, thr)
-    finally:
-        torchvision_cpu_ext.enable()
 
 
 def random_case(n: int, seed: int, crowded: bool, ties: bool, special: bool, dtype=torch.float32):
@@ -53,7 +50,7 @@ def random_case(n: int, seed: int, crowded: bool, ties: bool, special: bool, dty
 THRESHOLDS = [0.0, 0.3, 0.5, 0.7, 1.0]
 
 
-@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
+@pytest.mark.needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("crowded", [False, True], ids=["random", "crowded"])
 def test_equals_torchvision(crowded, dtype, threads):
@@ -84,12 +81,35 @@ def test_row_reference_equals_pair_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("crowded", [False, True], ids=["random", "crowded"])
 def test_large_inputs_equal_reference(crowded, dtype, threads):
-    """Thousands of boxes: many blocks, the spatial pruning (finite boxes, threshold >= 0) with
-    its compaction, and the unpruned path (NaN/inf boxes, or a negative threshold)."""
-    for seed, (n, special) in enumerate([(5000, False), (6007, True)]):
+    """Hundreds of boxes with the large-input paths forced (nms_radix_min=0: the radix sort,
+    nms_parallel_work=1: every block's suppression split across the threads): many blocks, the
+    spatial pruning (finite boxes, threshold >= 0) with its compaction, and the unpruned path
+    (NaN/inf boxes, or a negative threshold). Crowded boxes need more of them for several
+    blocks (a block grows up to 512 boxes while few are kept)."""
+    sizes = [(1100, False), (1207, True)] if crowded else [(300, False), (307, True)]
+    for seed, (n, special) in enumerate(sizes):
         boxes, scores = random_case(n, 100 + seed, crowded, ties=seed == 1, special=special, dtype=dtype)
         for thr in (-0.1, 0.0, 0.5, 0.7):
-            assert torch.equal(OP(boxes, scores, thr), nms_rows(boxes, scores, thr)), (n, thr)
+            with _debug.thresholds(nms_radix_min=0, nms_parallel_work=1):
+                forced = OP(boxes, scores, thr)
+            assert torch.equal(forced, nms_rows(boxes, scores, thr)), (n, thr)
+            assert torch.equal(forced, OP(boxes, scores, thr)), (n, thr)  # default paths
+
+
+@pytest.mark.slow
+def test_large_inputs_at_default_thresholds():
+    """Thousands of boxes at the kernel's own thresholds: the sizes at which the radix sort and
+    the multi-threaded suppression (2 threads) are chosen without any override, once."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for crowded in (False, True):
+            for seed, (n, special) in enumerate([(5000, False), (6007, True)]):
+                boxes, scores = random_case(n, 100 + seed, crowded, ties=seed == 1, special=special)
+                for thr in (-0.1, 0.0, 0.5, 0.7):
+                    assert torch.equal(OP(boxes, scores, thr), nms_rows(boxes, scores, thr)), (n, thr)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_huge_finite_coordinates():
@@ -102,7 +122,7 @@ def test_huge_finite_coordinates():
         assert torch.equal(OP(boxes.float(), scores.float(), thr), nms_rows(boxes.float(), scores.float(), thr))
 
 
-def test_signed_zero_and_nan_scores_order_like_torchvision():
+def test_signed_zero_and_nan_scores_order_like_torchvision(native):
     """-0.0 and +0.0 scores tie (index order), NaN scores come first: the radix sort's keys."""
     boxes, _ = random_case(3000, 11, crowded=True, ties=False, special=False)
     g = torch.Generator().manual_seed(12)
@@ -111,7 +131,7 @@ def test_signed_zero_and_nan_scores_order_like_torchvision():
     ]
     for thr in (0.3, 0.7):
         assert torch.equal(OP(boxes, scores, thr), nms_rows(boxes, scores, thr))
-        if NATIVE:
+        if native:
             assert torch.equal(OP(boxes, scores, thr), torchvision_nms(boxes, scores, thr))
 
 
@@ -168,6 +188,7 @@ def test_autocast_keeps_boxes_in_fp32():
     assert torch.equal(kept, OP(boxes.bfloat16().float(), scores.bfloat16().float(), 0.5))
 
 
+@pytest.mark.variant_independent
 def test_opcheck():
     boxes, scores = random_case(50, 1, crowded=True, ties=True, special=False)
     torch.library.opcheck(OP, (boxes, scores, 0.5), test_utils=("test_schema", "test_faketensor"))
@@ -196,20 +217,20 @@ small_boxes = st.lists(
     scores=st.lists(st.sampled_from([0.1, 0.2, 0.5, 0.9, 1.0]), min_size=24, max_size=24),
     thr=st.sampled_from([0.0, 1 / 3, 0.5, 2 / 3, 0.7, 1.0]),
 )
-def test_property_matches_reference(boxes, scores, thr):
+def test_property_matches_reference(boxes, scores, thr, native):
     """Small coordinates from a lattice: many exact ties of IoU with the threshold and of scores."""
     b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     s = torch.tensor(scores[: len(boxes)], dtype=torch.float32)
     ours = OP(b, s, thr)
     assert torch.equal(ours, ref_nms(b, s, thr))
-    if NATIVE:
+    if native:  # a session fixture: hypothesis runs every example in one test call
         assert torch.equal(ours, torchvision_nms(b, s, thr))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 @pytest.mark.parametrize("n", [1200, 5000])
-def test_batched_nms_large_path_is_identical(n, ties, dtype, threads):
+def test_batched_nms_large_path_is_identical(n, ties, dtype, threads, native):
     """Above 4000 coordinates torchvision loops over classes in Python (_batched_nms_vanilla);
     ours replaces that loop and must return the very same tensor, including the order of the
     unstable score sort (distinct kept scores: our own sort; ties: the same tensor sort)."""
@@ -221,26 +242,21 @@ def test_batched_nms_large_path_is_identical(n, ties, dtype, threads):
     else:  # distinct
         scores = torch.randperm(n, generator=torch.Generator().manual_seed(4)).float() / n
     boxes, scores = boxes.to(dtype), scores.to(dtype)
-    native = NATIVE and dtype != torch.bfloat16  # torchvision's nms has no bfloat16
+    compare = native and dtype != torch.bfloat16  # torchvision's nms has no bfloat16
     idxs = torch.randint(0, 80, (n,), generator=torch.Generator().manual_seed(3))
     assert tv_boxes._batched_nms_vanilla.__module__ == "torchvision_cpu_ext.ops.nms"
     ours = batched_nms(boxes, scores, idxs, 0.5)
-    if native:
-        torchvision_cpu_ext.disable()
-    try:
-        if native:
+    expected = torch.zeros(n, dtype=torch.bool)
+    for c in torch.unique(idxs):
+        members = torch.where(idxs == c)[0]
+        expected[members[ref_nms(boxes[members], scores[members], 0.5)]] = True
+    kept = torch.where(expected)[0]
+    expected_order = kept[scores[kept].sort(descending=True)[1]]
+    assert torch.equal(ours, expected_order)
+    if compare:
+        with torchvision_cpu_ext.disabled():
             assert tv_boxes._batched_nms_vanilla.__module__ == "torchvision.ops.boxes"
-        expected = torch.zeros(n, dtype=torch.bool)
-        for c in torch.unique(idxs):
-            members = torch.where(idxs == c)[0]
-            expected[members[ref_nms(boxes[members], scores[members], 0.5)]] = True
-        kept = torch.where(expected)[0]
-        expected_order = kept[scores[kept].sort(descending=True)[1]]
-        assert torch.equal(ours, expected_order)
-        if native:
             assert torch.equal(ours, batched_nms(boxes, scores, idxs, 0.5))
-    finally:
-        torchvision_cpu_ext.enable()
 
 
 def test_batched_nms_opcheck_and_errors():

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import NATIVE
 from torchvision.ops import roi_align
 
 import torchvision_cpu_ext
@@ -79,7 +78,7 @@ def test_variant_matches_aten_capability():
     assert _build.library_name(lib.isa, torch.__version__) in Path(lib.path).name
 
 
-@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
+@pytest.mark.needs_native
 def test_disable_gives_torchvision_kernels_back():
     x = torch.randn(1, 3, 8, 8)
     rois = torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]])
@@ -103,7 +102,7 @@ def test_disable_gives_torchvision_kernels_back():
     assert roi_align(x.bfloat16(), rois.bfloat16(), 2).dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(NATIVE, reason="only without torchvision's compiled ops")
+@pytest.mark.needs_fallback
 def test_fallback_mode_supplies_torchvision_ops():
     from torchvision_cpu_ext import _registry
 
@@ -135,16 +134,16 @@ def torchvision_python_op_references() -> set[str]:
     return names
 
 
-def test_every_op_torchvision_calls_has_a_schema():
+def test_every_op_torchvision_calls_has_a_schema(native):
     refs = torchvision_python_op_references()
     assert "box_iou_rotated" in refs and "qroi_align" in refs
     assert refs <= set(_op_table.TORCHVISION_SCHEMAS), refs - set(_op_table.TORCHVISION_SCHEMAS)
     assert set(_op_table.TORCHVISION_SCHEMAS) == {*OURS, *NOT_OURS, "_cuda_version"}
-    if not NATIVE:
+    if not native:
         assert [cpu_kernel_owner(op) for op in NOT_OURS] == ["not implemented"] * len(NOT_OURS)
 
 
-@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled ops define the schemas compared with")
+@pytest.mark.needs_native  # torchvision's compiled ops define the schemas compared with
 def test_fallback_schemas_equal_torchvisions():
     """The schemas the fallback defines are, op for op, those torchvision's compiled ops register
     (so a torchvision upgrade that changes one fails here)."""
@@ -154,14 +153,14 @@ def test_fallback_schemas_equal_torchvisions():
     assert registered == set(_op_table.TORCHVISION_SCHEMAS)
 
 
-def test_env_var_imports_without_override():
+def test_env_var_imports_without_override(native):
     out = run_python(
         "import torchvision_cpu_ext as t; from torchvision_cpu_ext._info import cpu_kernel_owner as o;"
         "print(t.is_enabled(), o('roi_align'))",
         TORCHVISION_CPU_EXT_OVERRIDE="0",
     )
     # Without torchvision's compiled ops, ours are the only kernels there are.
-    assert out.split() == (["False", "torchvision"] if NATIVE else ["True", "torchvision_cpu_ext"])
+    assert out.split() == (["False", "torchvision"] if native else ["True", "torchvision_cpu_ext"])
 
 
 def quiet_run(code: str) -> subprocess.CompletedProcess:
@@ -210,7 +209,7 @@ def test_info_command():
     assert d["isa_variant"] == torchvision_cpu_ext.loaded_library().isa
 
 
-def test_detection_model_runs_on_our_kernels():
+def test_detection_model_runs_on_our_kernels(native):
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
     torch.manual_seed(0)
@@ -229,7 +228,7 @@ def test_detection_model_runs_on_our_kernels():
     with torch.no_grad(), Count():
         ours = model(images)
     assert calls, "the model did not call torchvision::roi_align"
-    if not NATIVE:
+    if not native:
         return  # no torchvision kernels to compare with in this configuration
     with torchvision_cpu_ext.disabled(), torch.no_grad():
         theirs = model(images)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from conftest import NATIVE
+from op_tester import RoIOpTester
 from reference import ps_roi_pool as ref_ps_roi_pool
 from roi_cases import (
     DTYPES,
@@ -26,6 +24,7 @@ from roi_cases import (
 from torchvision.ops import ps_roi_pool
 
 import torchvision_cpu_ext
+from torchvision_cpu_ext import _debug
 
 OP = torch.ops.torchvision.ps_roi_pool
 BWD = torch.ops.torchvision._ps_roi_pool_backward
@@ -33,199 +32,146 @@ C_IN = 2 * POOLED[0] * POOLED[1]
 C_OUT = 2
 
 
-@functools.cache
-def _reference(dtype: torch.dtype):
-    x = make_input(dtype, "nchw", True, channels=C_IN)
-    return ref_ps_roi_pool(x, make_rois(dtype=dtype), SCALE, *POOLED)
-
-
-@pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_matches_reference(dtype, layout, contiguous, threads):
-    x = make_input(dtype, layout, contiguous, channels=C_IN)
-    out, mapping = OP(x, make_rois(dtype=dtype), SCALE, *POOLED)
-    assert out.dtype == dtype and out.is_contiguous(memory_format=expected_format(layout))
-    torch.testing.assert_close(out.double(), _reference(dtype), **TOL[dtype])
-    canonical = torch.arange(C_IN, dtype=torch.int32).view(1, C_OUT, *POOLED).expand_as(mapping)
-    assert torch.equal(mapping, canonical)
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_more_output_channels_than_a_vector(dtype, layout, threads):
-    """19 output channels: two or three vector blocks per bin, as items of their own."""
-    c_out = 19
-    x = make_input(dtype, layout, True, channels=c_out * POOLED[0] * POOLED[1])
-    rois = make_rois(K=30, seed=3, dtype=dtype)
-    out, mapping = OP(x, rois, SCALE, *POOLED)
-    torch.testing.assert_close(out.double(), ref_ps_roi_pool(x, rois, SCALE, *POOLED), **TOL[dtype])
-    canonical = torch.arange(x.shape[1], dtype=torch.int32).view(1, c_out, *POOLED).expand_as(mapping)
-    assert torch.equal(mapping, canonical)
-    if NATIVE and dtype in (torch.float32, torch.float64):
-        g = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
-        inside = (rois[:, 3] * SCALE < W - 2) & (rois[:, 4] * SCALE < H - 2)  # see interior_rois
-        args = (rois[inside], mapping[inside], SCALE, *POOLED, *x.shape)
-        ours = BWD(g[inside], *args)
-        torchvision_cpu_ext.disable()
-        try:
-            tv_out = OP(x, rois, SCALE, *POOLED)
-            tv_grad = BWD(g[inside], *args)
-        finally:
-            torchvision_cpu_ext.enable()
-        assert torch.equal(out, tv_out[0])
-        torch.testing.assert_close(ours, tv_grad, **TOL[dtype])
-
-
-@pytest.mark.parametrize("n_images", [1, 3])
-@pytest.mark.parametrize("c_out", [2, 19])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_channels_last_sweep_equals_nchw(dtype, c_out, n_images, threads):
-    """channels_last sweeps each image's rows once per block of output channels (narrower
-    blocks when there are fewer images than threads), NCHW pools bin by bin: the same sums in
-    the same order, so equal bit for bit; one image has no ROI, boxes cross every row."""
-    x, rois = ps_layout_case(c_out, n_images, dtype)
-    nchw, mapping = OP(x, rois, SCALE, *POOLED)
-    cl, cl_mapping = OP(x.contiguous(memory_format=torch.channels_last), rois, SCALE, *POOLED)
-    assert cl.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(nchw, cl) and torch.equal(mapping, cl_mapping)
-    torch.testing.assert_close(cl.double(), ref_ps_roi_pool(x, rois, SCALE, *POOLED), **TOL[dtype])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_channels_last_sweep_in_groups_of_rois(dtype, threads):
-    """Thousands of boxes on one image: the channels_last sweep takes them in groups (its
-    running sums bounded to 4 MiB, ~1300 boxes at 7x7 in float), still equal to NCHW."""
-    x, rois = large_map_case(2 * 49, K=3000, n=1, h=23, w=31)
-    rois = rois.to(dtype)
-    x = x.to(dtype)
-    nchw, _ = OP(x, rois, SCALE, 7, 7)
-    cl, _ = OP(x.contiguous(memory_format=torch.channels_last), rois, SCALE, 7, 7)
-    assert torch.equal(nchw, cl) and (cl != 0).float().mean() > 0.5
-
-
-def interior_rois(dtype: torch.dtype) -> torch.Tensor:
-    """Boxes whose bins stay off the last row and column of the map, where torchvision's
+def interior(rois: torch.Tensor) -> torch.Tensor:
+    """Which boxes keep their bins off the last row and column of the map, where torchvision's
     backward disagrees with its own forward (NOTE [ ps_roi_pool backward ])."""
-    rois = make_rois(dtype=dtype)
-    inside = (rois[:, 3] * SCALE < W - 2) & (rois[:, 4] * SCALE < H - 2)
-    return rois[inside]
+    return (rois[:, 3] * SCALE < W - 2) & (rois[:, 4] * SCALE < H - 2)
 
 
-@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_forward_backward_match_torchvision(dtype, layout, threads):
-    x = make_input(dtype, layout, True, channels=C_IN).requires_grad_()
-    rois = make_rois(dtype=dtype)
-    out = OP(x.detach(), rois, SCALE, *POOLED)
-    torchvision_cpu_ext.disable()
-    try:
-        tv = OP(x.detach(), rois, SCALE, *POOLED)
-    finally:
-        torchvision_cpu_ext.enable()
-    # The same bins summed in the same order: equal bit for bit.
-    assert torch.equal(out[0], tv[0]) and torch.equal(out[1], tv[1])
+class TestPSRoIPool(RoIOpTester):
+    op = OP
+    backward_op = BWD
+    channels = C_IN
+    out_channels = C_OUT
+    # The same bins summed in the same order: equal to torchvision's forward bit for bit.
+    parity_exact = True
 
-    rois = interior_rois(dtype)
-    assert rois.shape[0] >= 5
-    g = torch.randn(rois.shape[0], C_OUT, *POOLED, dtype=dtype)
+    def op_args(self, x, rois):
+        return (x, rois, SCALE, *POOLED)
 
-    def grad():
-        x.grad = None
-        ps_roi_pool(x, rois, POOLED, SCALE).backward(g)
-        return x.grad.clone()
+    def backward_args(self, args, result, grad):
+        x, rois = args[:2]
+        return (grad, rois, result[1], SCALE, *POOLED, *x.shape)
 
-    ours = grad()
-    torchvision_cpu_ext.disable()
-    try:
-        theirs = grad()
-    finally:
-        torchvision_cpu_ext.enable()
-    torch.testing.assert_close(ours, theirs, **TOL[dtype])
-    assert ours.is_contiguous(memory_format=expected_format(layout))
+    def reference(self, x, rois, scale, ph, pw):
+        return ref_ps_roi_pool(x, rois, scale, ph, pw)
 
+    def check_forward(self, result, expected, args, dtype, layout):
+        super().check_forward(result, expected, args, dtype, layout)
+        mapping = result[1]
+        canonical = torch.arange(C_IN, dtype=torch.int32).view(1, C_OUT, *POOLED).expand_as(mapping)
+        assert torch.equal(mapping, canonical)
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradcheck_including_map_borders(layout):
-    x = torch.rand(1, 12, 6, 7, dtype=torch.float64)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
-    # The first and last boxes reach the last row/column: torchvision's backward fails here.
-    rois = torch.tensor([[0, 0, 0, 9, 9], [0, 1, 2, 5, 4], [0, 2, 1, 6.4, 5.6]], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda t: ps_roi_pool(t, rois, (3, 2), 1.0), (x,))
+    def parity_backward_inputs(self, args):
+        x, rois = args[:2]
+        inside = interior(rois)
+        assert inside.sum() >= 5
+        return (x, rois[inside], *args[2:])
 
+    def gradcheck_inputs(self, layout):
+        x = torch.rand(1, 12, 6, 7, dtype=torch.float64).contiguous(memory_format=expected_format(layout))
+        # The first and last boxes reach the last row/column: torchvision's backward fails here.
+        rois = torch.tensor([[0, 0, 0, 9, 9], [0, 1, 2, 5, 4], [0, 2, 1, 6.4, 5.6]], dtype=torch.float64)
+        return (x, rois, 1.0, 3, 2)
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_reduced_precision_backward(dtype, layout, threads):
-    x = make_input(dtype, layout, True, channels=C_IN).requires_grad_()
-    rois = make_rois(dtype=dtype)
-    g = torch.randn(rois.shape[0], C_OUT, *POOLED).to(dtype)
-    ps_roi_pool(x, rois, POOLED, SCALE).backward(g)
-    x64 = x.detach().double().requires_grad_()
-    ps_roi_pool(x64, rois.double(), POOLED, SCALE).backward(g.double())
-    assert x.grad.dtype == dtype and x.grad.is_contiguous(memory_format=expected_format(layout))
-    torch.testing.assert_close(x.grad.double(), x64.grad, **TOL[dtype])
+    def bad_cases(self):
+        x = make_input(torch.float32, "nchw", True, channels=C_IN)
+        rois = make_rois()
+        out, mapping = OP(x, rois, SCALE, *POOLED)
+        g = torch.randn_like(out)
+        return [
+            (r"input channels \(24\) must be a multiple", OP, (x, rois, SCALE, 5, 5)),
+            (r"rois must have shape \[K, 5\]", OP, (x, rois[:, :3], SCALE, *POOLED)),
+            ("channel_mapping must map output channel", BWD, (g, rois, mapping + 1, SCALE, *POOLED, N, C_IN, H, W)),
+            ("must be non-negative", BWD, (g, rois, mapping, SCALE, *POOLED, N, C_IN, -1, W)),
+        ]
 
+    # ---- ps_roi_pool's own --------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_backward_layouts_agree_on_a_large_map(dtype, threads):
-    """channels_last fills grad_input by row bands, NCHW by planes: on a map of several bands
-    both give the same gradient (each element gets the same adds in the same order)."""
-    x, rois = large_map_case(C_IN)
-    rois = rois.to(dtype)
-    g = torch.randn(rois.shape[0], C_OUT, *POOLED, generator=torch.Generator().manual_seed(0)).to(dtype)
-    _, mapping = OP(x.to(dtype), rois, SCALE, *POOLED)
-    args = (rois, mapping, SCALE, *POOLED, *x.shape)
-    nchw = BWD(g, *args)
-    cl = BWD(g.contiguous(memory_format=torch.channels_last), *args)
-    assert cl.dtype == dtype and cl.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(nchw, cl)
-    assert (nchw != 0).any(3).any(1).any(0).float().mean() > 0.9  # gradient in nearly every row
-    # ps_roi_pool's gradient is its bin's mean gradient spread over every pixel of the bin.
-    x64 = x.double().requires_grad_()
-    ps_roi_pool(x64, rois.double(), POOLED, SCALE).backward(g.double())
-    torch.testing.assert_close(cl.double(), x64.grad, **TOL[dtype])
+    @pytest.mark.parametrize("layout", LAYOUTS)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_more_output_channels_than_a_vector(self, dtype, layout, threads, native):
+        """19 output channels: two or three vector blocks per bin, as items of their own."""
+        c_out = 19
+        x = make_input(dtype, layout, True, channels=c_out * POOLED[0] * POOLED[1])
+        rois = make_rois(K=30, seed=3, dtype=dtype)
+        out, mapping = OP(x, rois, SCALE, *POOLED)
+        torch.testing.assert_close(out.double(), ref_ps_roi_pool(x, rois, SCALE, *POOLED), **TOL[dtype])
+        canonical = torch.arange(x.shape[1], dtype=torch.int32).view(1, c_out, *POOLED).expand_as(mapping)
+        assert torch.equal(mapping, canonical)
+        if native and dtype in (torch.float32, torch.float64):
+            g = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+            inside = interior(rois)
+            args = (rois[inside], mapping[inside], SCALE, *POOLED, *x.shape)
+            ours = BWD(g[inside], *args)
+            with torchvision_cpu_ext.disabled():
+                tv_out = OP(x, rois, SCALE, *POOLED)
+                tv_grad = BWD(g[inside], *args)
+            assert torch.equal(out, tv_out[0])
+            torch.testing.assert_close(ours, tv_grad, **TOL[dtype])
 
+    @pytest.mark.parametrize("n_images", [1, 3])
+    @pytest.mark.parametrize("c_out", [2, 19])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_channels_last_sweep_equals_nchw(self, dtype, c_out, n_images, threads):
+        """channels_last sweeps each image's rows once per block of output channels (narrower
+        blocks when there are fewer images than threads), NCHW pools bin by bin: the same sums in
+        the same order, so equal bit for bit; one image has no ROI, boxes cross every row."""
+        x, rois = ps_layout_case(c_out, n_images, dtype)
+        nchw, mapping = OP(x, rois, SCALE, *POOLED)
+        cl, cl_mapping = OP(x.contiguous(memory_format=torch.channels_last), rois, SCALE, *POOLED)
+        assert cl.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(nchw, cl) and torch.equal(mapping, cl_mapping)
+        torch.testing.assert_close(cl.double(), ref_ps_roi_pool(x, rois, SCALE, *POOLED), **TOL[dtype])
 
-def test_large_gradient_written_by_streaming_stores(threads):
-    """grad_input of 32 MiB per thread and more (64 MiB here, so at 1 and 2 threads) is written
-    with non-temporal stores (roi_common.h, stream_grad_input), by planes in NCHW and by row
-    bands in channels_last: both agree."""
-    x, rois = large_map_case(C_IN, K=40, n=1, h=700, w=1001)
-    g = torch.randn(rois.shape[0], C_OUT, *POOLED, generator=torch.Generator().manual_seed(0))
-    _, mapping = OP(x, rois, SCALE, *POOLED)
-    args = (rois, mapping, SCALE, *POOLED, *x.shape)
-    nchw = BWD(g, *args)
-    assert nchw.nbytes >= 64 << 20
-    cl = BWD(g.contiguous(memory_format=torch.channels_last), *args)
-    assert torch.equal(nchw, cl)
-    assert (nchw != 0).any(3).any(1).any(0).float().mean() > 0.9
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_channels_last_sweep_in_groups_of_rois(self, dtype, threads):
+        """Many boxes on one image: the channels_last sweep takes them in groups (its running
+        sums bounded to 4 MiB by default, ~1300 boxes at 7x7 in float; here 8 KiB through
+        ps_roi_pool_group_bytes, a few boxes per group), still equal to NCHW and to one group."""
+        x, rois = large_map_case(2 * 49, K=60, n=1, h=23, w=31)
+        rois = rois.to(dtype)
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        nchw, _ = OP(x.contiguous(), rois, SCALE, 7, 7)
+        with _debug.thresholds(ps_roi_pool_group_bytes=8 << 10):
+            cl, _ = OP(x, rois, SCALE, 7, 7)
+        assert torch.equal(nchw, cl) and (cl != 0).float().mean() > 0.5
+        assert torch.equal(cl, OP(x, rois, SCALE, 7, 7)[0])  # the default: one group
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_backward_layouts_agree_on_a_large_map(self, dtype, threads):
+        """channels_last fills grad_input by row bands, NCHW by planes: on a map of several bands
+        (3 rows of fp32 here, through grad_band_bytes) both give the same gradient (each element
+        gets the same adds in the same order)."""
+        x, rois = large_map_case(C_IN, h=29, w=37)
+        rois = rois.to(dtype)
+        g = torch.randn(rois.shape[0], C_OUT, *POOLED, generator=torch.Generator().manual_seed(0)).to(dtype)
+        _, mapping = OP(x.to(dtype), rois, SCALE, *POOLED)
+        args = (rois, mapping, SCALE, *POOLED, *x.shape)
+        nchw = BWD(g, *args)
+        with _debug.thresholds(grad_band_bytes=3 * x.shape[3] * C_IN * 4):
+            cl = BWD(g.contiguous(memory_format=torch.channels_last), *args)
+        assert cl.dtype == dtype and cl.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(nchw, cl)
+        assert (nchw != 0).any(3).any(1).any(0).float().mean() > 0.9  # gradient in nearly every row
+        # ps_roi_pool's gradient is its bin's mean gradient spread over every pixel of the bin.
+        x64 = x.double().requires_grad_()
+        ps_roi_pool(x64, rois.double(), POOLED, SCALE).backward(g.double())
+        torch.testing.assert_close(cl.double(), x64.grad, **TOL[dtype])
 
-def test_empty_and_bad_inputs():
-    x = make_input(torch.float32, "nchw", True, channels=C_IN)
-    out, mapping = OP(x, torch.zeros(0, 5), SCALE, *POOLED)
-    assert out.shape == mapping.shape == (0, C_OUT, *POOLED)
-    rois = make_rois()
-    with pytest.raises(RuntimeError, match=r"input channels \(24\) must be a multiple"):
-        OP(x, rois, SCALE, 5, 5)
-    with pytest.raises(RuntimeError, match=r"rois must have shape \[K, 5\]"):
-        OP(x, rois[:, :3], SCALE, *POOLED)
-    out, mapping = OP(x, rois, SCALE, *POOLED)
-    with pytest.raises(RuntimeError, match="channel_mapping must map output channel"):
-        BWD(torch.randn_like(out), rois, mapping + 1, SCALE, *POOLED, N, C_IN, H, W)
-    with pytest.raises(RuntimeError, match="must be non-negative"):
-        BWD(torch.randn_like(out), rois, mapping, SCALE, *POOLED, N, C_IN, -1, W)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck(layout, dtype):
-    x = make_input(dtype, layout, True, channels=C_IN).requires_grad_(dtype == torch.float32)
-    rois = make_rois(K=4, dtype=dtype)
-    torch.library.opcheck(OP, (x, rois, SCALE, *POOLED))
-    out, mapping = OP(x.detach(), rois, SCALE, *POOLED)
-    torch.library.opcheck(BWD, (torch.randn_like(out), rois, mapping, SCALE, *POOLED, N, C_IN, H, W))
+    def test_large_gradient_written_by_streaming_stores(self, threads):
+        """grad_input of 32 MiB per thread and more is written with non-temporal stores
+        (roi_schedule.h, stream_grad_input); stream_grad_bytes=0 takes that path on a small map,
+        by planes in NCHW and by row bands (3 rows here) in channels_last: both agree, and give
+        the cached stores' bits."""
+        x, rois = large_map_case(C_IN, K=40, n=1, h=29, w=37)
+        g = torch.randn(rois.shape[0], C_OUT, *POOLED, generator=torch.Generator().manual_seed(0))
+        _, mapping = OP(x, rois, SCALE, *POOLED)
+        args = (rois, mapping, SCALE, *POOLED, *x.shape)
+        with _debug.thresholds(stream_grad_bytes=0, grad_band_bytes=3 * x.shape[3] * C_IN * 4):
+            nchw = BWD(g, *args)
+            cl = BWD(g.contiguous(memory_format=torch.channels_last), *args)
+        assert torch.equal(nchw, cl)
+        assert (nchw != 0).any(3).any(1).any(0).float().mean() > 0.9
+        with _debug.thresholds(stream_grad_bytes=1 << 40):
+            assert torch.equal(nchw, BWD(g, *args))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from conftest import NATIVE
 from reference import nms as ref_nms
 from reference import roi_align as ref_roi_align
 
@@ -42,7 +41,7 @@ def qnms_case(n: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     return boxes.to(dtype), torch.randint(0, 6, (n,), generator=g).to(dtype)
 
 
-@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
+@pytest.mark.needs_native
 @pytest.mark.parametrize("dtype", INT_TYPES, ids=str)
 def test_qnms_equals_torchvision(dtype):
     for seed, n in enumerate([1, 2, 9, 60, 300]):
@@ -106,7 +105,7 @@ def requantize(value: torch.Tensor, scale: float, zero_point: int, dtype: torch.
 QROI_CONFIGS = [(1.0, 2, 2, 2, True), (0.75, 3, 2, -1, False), (1.0, 1, 1, 0, True)]
 
 
-@pytest.mark.skipif(not NATIVE, reason="torchvision's compiled kernels are not loaded")
+@pytest.mark.needs_native
 @pytest.mark.parametrize("dtype", INT_TYPES, ids=str)
 def test_qroi_align_equals_torchvision(dtype):
     """The same integers, or one quantization step away where a mean lies on a rounding

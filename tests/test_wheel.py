@@ -17,19 +17,24 @@ import sysconfig
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from torchvision_cpu_ext import _build, _loader
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FLAG = "TORCHVISION_CPU_EXT_WHEEL_TEST"
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get(ENV_FLAG) != "1", reason=f"builds a wheel (minutes): set {ENV_FLAG}=1 (scripts/test.sh does once)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get(ENV_FLAG) != "1",
+        reason=f"builds a wheel (minutes): set {ENV_FLAG}=1 (scripts/test.sh does once)",
+    ),
+]
 
 IMPORT_AND_RUN = """
 import json, torch, torchvision
@@ -60,9 +65,35 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return res
 
 
+@pytest.fixture
+def installed(_installed_once: Installed) -> Iterator[Installed]:
+    """The install, for one test at a time: tests move its sources away and back."""
+    with FileLock(str(_installed_once.wheel.parent.parent / "use.lock")):
+        yield _installed_once
+
+
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Installed:
-    tmp = tmp_path_factory.mktemp("wheel")
+def _installed_once(tmp_path_factory) -> Installed:
+    """Built once per pytest run: under pytest-xdist the first worker to get here builds it,
+    under a lock, in a directory of the run that the other workers then read."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:
+        return _build_and_install(tmp_path_factory.mktemp("wheel"))
+    tmp = tmp_path_factory.getbasetemp().parent / f"wheel-{run_id}"
+    tmp.mkdir(exist_ok=True)
+    done = tmp / "installed.json"
+    with FileLock(str(tmp / "build.lock")):
+        if not done.exists():
+            inst = _build_and_install(tmp)
+            fields = {**asdict(inst), "wheel": str(inst.wheel), "python": str(inst.python), "site": str(inst.site)}
+            done.write_text(json.dumps(fields))
+    fields = json.loads(done.read_text())
+    return Installed(
+        Path(fields["wheel"]), Path(fields["python"]), Path(fields["site"]), fields["env"], fields["variant"]
+    )
+
+
+def _build_and_install(tmp: Path) -> Installed:
     # A copy of what a clone has, so that the build starts clean and leaves the checkout alone.
     src = tmp / "src"
     src.mkdir()

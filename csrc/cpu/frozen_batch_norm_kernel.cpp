@@ -5,7 +5,7 @@
 // shift = bias - running_mean * scale on C values, then x * scale + shift as two broadcast
 // elementwise ops: two passes over the activation, a temporary as large as it, and (for a
 // bfloat16 input) a float32 result, since the buffers are float32. In a ResNet-50 backbone that
-// is every batch-norm layer, ~10% of a detector's time. Here scale and shift are computed with
+// is every batch-norm layer (its share of a detector's time: benchmarks/RESULTS.md). Here scale and shift are computed with
 // the same ATen ops, and the activation is read once and written once: y = x * scale + shift
 // as a multiply and a separate add (no FMA; -ffp-contract=off), the operations the two
 // elementwise passes perform, so float32/float64 results equal torchvision's bit for bit, and
@@ -27,8 +27,12 @@
 //   same float32 formula applied and the result rounded once, as ATen's mixed-type path does. Only
 //   inputs dense in NCHW or channels_last take this path (ATen's other strides run a different
 //   expression); the caller checks (ops/frozen_batch_norm.py, d2_use_fused).
+// - Registration: frozen_batch_norm is the package's own op (override.h, route (b)); the Python
+//   patches of FrozenBatchNorm2d.forward (route (c)) decide when it runs. Only the layout check
+//   (checks.h) and the grain (parallel_grain.h) are shared with the RoI kernels.
+#include "checks.h"
 #include "memory.h"
-#include "roi_common.h"
+#include "parallel_grain.h"
 #include "vec_io.h"
 
 #include <ATen/Dispatch.h>

@@ -3,8 +3,8 @@
 //
 // A fresh output of tens of MB is the largest single cost of a fast kernel here: glibc serves
 // every allocation above its mmap threshold (at most 32 MiB) with a new mapping, which the
-// kernel then faults in page by page (17.7 ms for 50 MB in 4 KiB pages; 6-13 ms in 2 MiB pages,
-// with outliers near 90 ms when two threads fault at once), more than the kernel's own work.
+// kernel then faults in page by page, often for longer than the kernel's own work
+// (benchmarks/HISTORY.md, "Output pool").
 // In a detector the same shapes come back every iteration (a backbone's batch-norm outputs, the
 // box head's RoI features), so large outputs are taken from a small pool of blocks freed by
 // earlier outputs of exactly the same byte size: no mapping, no page faults.
@@ -15,6 +15,8 @@
 //   blocks are freed. torchvision_cpu_ext.empty_cache() frees them all.
 // - New blocks are marked MADV_HUGEPAGE before the first write, so even a cold block is
 //   faulted in 2 MiB at a time.
+#include "debug_thresholds.h"
+
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
@@ -51,6 +53,11 @@ inline void advise_huge_pages(void* data, size_t bytes) {
 class OutputPool final : public c10::Allocator {
  public:
   static constexpr size_t kPoolMin = size_t(4) << 20;
+
+  // kPoolMin, unless a test lowered it (NOTE [ debug thresholds ]).
+  static size_t pool_min() {
+    return static_cast<size_t>(debug::threshold(debug::kOutputPoolMinBytes, static_cast<int64_t>(kPoolMin)));
+  }
 
   // Never destroyed: tensors may outlive static destruction at exit.
   static OutputPool& get() {
@@ -141,7 +148,7 @@ class OutputPool final : public c10::Allocator {
     std::list<std::pair<size_t, void*>> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (n > cap_ || n < kPoolMin) {  // (a resize_ of a pooled tensor may ask for any size)
+      if (n > cap_ || n < pool_min()) {  // (a resize_ of a pooled tensor may ask for any size)
         evicted.emplace_back(n, p);
       } else {
         free_.emplace_front(n, p);
@@ -171,7 +178,7 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   }
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
   OutputPool& pool = OutputPool::get();
-  if (bytes < OutputPool::kPoolMin || bytes > pool.cap()) {
+  if (bytes < OutputPool::pool_min() || bytes > pool.cap()) {
     return at::empty(sizes, options.memory_format(fmt));
   }
   return at::detail::empty_generic(

@@ -20,17 +20,16 @@
 //   above the threshold, so the comparison stays in float lanes without changing any result.
 //
 // NOTE [ nms speed ]
-// Measured on this project's 2-vCPU AVX-512 machine (numbers in benchmarks/RESULTS.md), one
-// thread, 5000 random boxes at 0.7 (4585 kept, ~11.5 M IoU pairs in torchvision's loop):
-// - the pairs are almost all of the work, and their cost was not the division but at::vec's
-//   AVX-512 comparisons (mask -> vector -> mask on every blend): vmaxps/vminps and mask
-//   registers took the loop from ~23 to ~14 cycles per 16 pairs (replacing the division by an
-//   exact multiply-and-filter test measured slower again); 5.9 -> 4.4 ms;
+// The parts, in the order they were added (each one's gain: benchmarks/HISTORY.md):
+// - the IoU pairs are almost all of the work, and their cost was not the division but at::vec's
+//   AVX-512 comparisons (mask -> vector -> mask on every blend): the AVX-512 pair loop uses
+//   vmaxps/vminps and mask registers (Lanes<float>), the generic one blends on std::max's own
+//   comparisons;
 // - blocks: boxes are taken greedily in blocks in score order (each kept box against the rest
 //   of its block), then the block's kept boxes, held in L1, suppress all later boxes, 16 at a
 //   time, threads splitting the later boxes (suppression is an OR: the result does not depend
 //   on the split). A block holds ~kBlock kept boxes (longer when few are kept: crowded boxes),
-//   the later boxes are read once per block instead of once per kept box; 4.4 -> 3.7 ms;
+//   the later boxes are read once per block instead of once per kept box;
 // - pruning: a pair whose boxes do not overlap has inter == 0, and 0 / union > t is false for
 //   every t >= 0 (union 0 or NaN gives NaN, a negative union -0). So when t >= 0 and every
 //   coordinate is finite, the later boxes are kept in a spatial order (grid cells of ~16 boxes,
@@ -39,13 +38,14 @@
 //   gives min(x2) <= max(x1) for every pair inside, hence w == 0, in float too. Dead boxes are
 //   compacted away and the rectangles recomputed once a quarter of the boxes died. Otherwise
 //   (negative or NaN threshold, NaN/inf coordinates) the same loops run over score order with
-//   no skipping; 3.7 -> ~1.3 ms;
-// - scores are ordered by a radix sort of their bits: 350 -> 35 us for 5000 scores (the
-//   crowded case's largest fixed cost).
+//   no skipping;
+// - scores are ordered by a radix sort of their bits (score_order; the crowded case's largest
+//   fixed cost), a comparison sort below 512 scores.
 // Threads: a block's suppression is split only when its estimated work pays for waking the
 // other thread (kParallelWork; the IoUs per vector are measured on the previous block, so
 // crowded inputs, whose vectors meet one or two kept boxes, stay on one thread). bfloat16/half
 // boxes are computed in float (torchvision has no such kernel).
+#include "debug_thresholds.h"
 #include "override.h"
 
 #include <ATen/ATen.h>
@@ -65,7 +65,7 @@ namespace {
 constexpr int64_t kBlock = 64, kMaxBlock = 512;
 constexpr int64_t kBoxesPerCell = 16;
 // Work (in vector operations, ~15 per IoU) below which a block's suppression of the later
-// boxes stays on one thread: ~5-10 us here, a few times the cost of waking the other threads.
+// boxes stays on one thread: a few times the cost of waking the other threads.
 constexpr int64_t kParallelWork = 16384;
 
 // The float threshold equivalent to comparing with the double one (NOTE [ exact nms ]).
@@ -232,10 +232,10 @@ inline uint32_t descending_key(float score) {
 }
 
 // The same order for float: an LSD radix sort, three 11-bit digits, (key, index) records moving
-// as one 64-bit word; ~7x faster than the comparison sort for 5000 scores, slower below a few
-// hundred (its 3 x 2048 counters).
+// as one 64-bit word; faster than the comparison sort for thousands of scores, slower below a
+// few hundred (its 3 x 2048 counters).
 std::vector<int32_t> score_order(const float* sp, int64_t n) {
-  if (n < 512) {
+  if (n < debug::threshold(debug::kNmsRadixMin, 512)) {
     return score_order_by_comparison(sp, n);
   }
   constexpr int kBits = 11, kDigits = 1 << kBits;
@@ -298,6 +298,7 @@ void greedy_nms(
   constexpr int64_t L = Lanes<T>::L;
   const std::vector<int32_t> order = score_order(sp, n);
   const T thr = threshold_as<T>(iou_threshold);
+  const int64_t parallel_work = debug::threshold(debug::kNmsParallelWork, kParallelWork);
   // Score order (s), padded so that a vector load from any box stays inside.
   const int64_t padded = (n + L - 1) / L * L + L;
   Soa<T>& s = ws.s;
@@ -441,7 +442,7 @@ void greedy_nms(
     const int64_t vectors = (slots + L - 1) / L;
     const int64_t ious = prune ? static_cast<int64_t>(std::ceil(ious_per_vector * kept)) : kept;
     const int64_t work = 15 * ious + (prune ? 4 * ((kept + L - 1) / L) : 0) + 10;
-    const int64_t grain = std::max<int64_t>(1, kParallelWork / work);
+    const int64_t grain = std::max<int64_t>(1, parallel_work / work);
     std::atomic<int64_t> computed{0};
     at::parallel_for(0, vectors, grain, [&](int64_t v0, int64_t v1) {
       int64_t killed = 0, done = 0;

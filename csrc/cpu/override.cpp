@@ -2,10 +2,12 @@
 // ops the Python side calls: nothing here is on a hot path.
 #include "override.h"
 
+#include "debug_thresholds.h"
 #include "memory.h"
 
 #include <c10/macros/Macros.h>
 
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -67,6 +69,26 @@ void empty_output_pool() {
   OutputPool::get().empty_cache();
 }
 
+// NOTE [ debug thresholds ] (debug_thresholds.h): sets one knob (value < 0 restores the
+// kernel's own threshold) and returns its previous override (-1 if it had none).
+int64_t set_debug_threshold(const std::string& name, int64_t value) {
+  for (int t = 0; t < debug::kThresholdCount; ++t) {
+    if (name == debug::kNames[t]) {
+      const int64_t stored = value < 0 ? 0 : value + 1;
+      return debug::knobs()[t].exchange(stored, std::memory_order_relaxed) - 1;
+    }
+  }
+  std::string known;
+  for (const char* n : debug::kNames) {
+    known += known.empty() ? n : std::string(", ") + n;
+  }
+  TORCH_CHECK(false, "torchvision_cpu_ext: no debug threshold named '", name, "'; known: ", known);
+}
+
+std::vector<std::string> debug_threshold_names() {
+  return {std::begin(debug::kNames), std::end(debug::kNames)};
+}
+
 } // namespace
 
 CpuOverride::CpuOverride(std::vector<const char*> ops, RegisterFn fn) {
@@ -81,4 +103,6 @@ TORCH_LIBRARY(torchvision_cpu_ext, m) {
   m.def("_capability() -> str", &tvce::capability);
   m.def("_output_pool_stats() -> int[]", &tvce::output_pool_stats);
   m.def("_empty_output_pool() -> ()", &tvce::empty_output_pool);
+  m.def("_set_debug_threshold(str name, int value) -> int", &tvce::set_debug_threshold);
+  m.def("_debug_threshold_names() -> str[]", &tvce::debug_threshold_names);
 }

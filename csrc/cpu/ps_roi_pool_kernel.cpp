@@ -1,34 +1,41 @@
 // ps_roi_pool forward and backward for CPU: NCHW and channels_last, float/double/bfloat16/half.
 //
-// Layouts and threading as ps_roi_align (NOTE [ position-sensitive layouts ]): one gathered
-// vector of V output channels per pixel of a bin; backward threads owning (bin, block of output
-// channels). The forward's items differ by layout. NCHW: (bin, image, block of V output
-// channels), every ROI of the image pooled from the bin's V planes while they are in L2 (R-FCN
-// case, 2 threads, interleaved in one process: 1.26 ms against 1.58 ms for ROI-major items,
-// which fetch ~1.4 times as many lines; 1 thread 2.49 vs 2.66 ms).
-// NOTE [ ps_roi_pool channels_last forward ]: items are (group of one image's ROIs, block of
-// output channels), and an item sweeps its image's rows top to bottom once: at row h every ROI
-// whose rows include h adds the row's part of each of its bins to a running sum (per ROI, bin
-// and lane), and a bin is divided and written after its last row. A bin's sum thus still runs
-// in torchvision's order (rows, then columns), while the map is read row after row in address
-// order, each row in L2 for all the boxes overlapping it. ROI-major items (ROIs in spatial
-// order, the next bin's pixels prefetched) read the same pixels box after box: a pixel's V
-// channels are V lines of their own, mostly fetched from L3 one box at a time. R-FCN case,
-// fp32, alternating processes: ROI-major 2.39-2.85 ms, swept 1.84-2.24 ms at 2 threads (1
-// thread 4.81-4.92 against 2.83-3.07 ms). Slower inside the sweep: a software prefetch of the
-// next row (1.8-2.6 ms against 1.45-1.85 in that series), a row's bins sorted by first column
-// (2.0-2.9), pixel-major order within a row (2.5-4.4). Groups keep a thread's sums within 4 MiB;
-// with fewer groups than threads the channel blocks are narrower, so every thread has an item.
-// Geometry is torchvision's integer bins (roi_common.h, PoolBins) with ps_roi_pool's rules:
-// box extent end - start (at least 1) and bins clipped to [0, H - 1] x [0, W - 1], so the last
-// row and column of the map are never pooled. The bin sum runs in torchvision's order and
-// divides by the bin area, so fp32/fp64 outputs equal torchvision's bit for bit.
-// NOTE [ ps_roi_pool backward ]: torchvision's backward clips bins to [0, H] x [0, W], unlike
-// its forward, so for bins touching the last row or column its gradient is not the gradient
-// of its forward (it fails gradcheck there). Ours uses the forward's bins: the true gradient.
+// NOTE [ ps_roi_pool ]
+// Channel mapping, layouts and vectors as ps_roi_align (NOTE [ position-sensitive layouts ]):
+// a block of V output channels of a bin is one gathered vector per pixel. The parts:
+// - Geometry: torchvision's integer bins (roi_geometry.h, PoolBins, built by ps_bins) with
+//   ps_roi_pool's rules: box extent end - start (at least 1) and bins clipped to
+//   [0, H - 1] x [0, W - 1], so the last row and column of the map are never pooled. A bin's sum
+//   runs in torchvision's order (rows, then columns) and is divided by the bin's area
+//   (store_bin), so fp32/fp64 outputs equal torchvision's bit for bit.
+// - NCHW forward: ps_forward_nchw (ps_drivers.h), items (bin, image, block of V output
+//   channels), every ROI of the image pooled from the bin's V planes while they are in L2.
+// - NOTE [ ps_roi_pool channels_last forward ]: items are (group of one image's ROIs, block of
+//   output channels), and an item sweeps its image's rows top to bottom once: at row h every
+//   ROI whose rows include h adds the row's part of each of its bins to a running sum (per ROI,
+//   bin and lane), and a bin is divided and written after its last row. A bin's sum thus still
+//   runs in torchvision's order, while the map is read row after row in address order, each
+//   row in L2 for all the boxes overlapping it; ROI-major items read the same pixels box after
+//   box, a pixel's V channels being V lines of their own, mostly fetched from L3 one box at a
+//   time. Groups keep a thread's running sums within 4 MiB whatever the number of boxes (one
+//   group for the usual few hundred ROIs); with fewer groups than threads the channel blocks
+//   are narrower, so that every thread has an item (group_channel_items).
+// - Backward: the shared position-sensitive driver (ps_drivers.h, NOTE [ position-sensitive
+//   backward ]) with this op's `scatter` (the bin's mean gradient over its rectangle, clipped to
+//   the band) and `touches` (whether a row of bins meets a band).
+//   NOTE [ ps_roi_pool backward ]: torchvision's backward clips bins to [0, H] x [0, W], unlike
+//   its forward, so for bins touching the last row or column its gradient is not the gradient
+//   of its forward (it fails gradcheck there). Ours uses the forward's bins: the true gradient.
+// - Glue: arguments checked (checks.h, check_ps_backward), outputs allocated in the input's
+//   layout, registration on the switchable override (override.h).
+// The orders that were measured against these: benchmarks/HISTORY.md.
+#include "checks.h"
+#include "debug_thresholds.h"
 #include "memory.h"
 #include "override.h"
-#include "roi_common.h"
+#include "ps_drivers.h"
+#include "roi_geometry.h"
+#include "roi_schedule.h"
 #include "vec_io.h"
 
 #include <ATen/Dispatch.h>
@@ -85,8 +92,8 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
   const auto B = ps_bins(r, N, H, W, spatial_scale, PH, PW);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const int64_t HW = H * W;
-  const int64_t os_k = Cout * PH * PW, os_c = cl ? 1 : PH * PW, os_p = cl ? Cout : 1;
-  const detail::PsMappingRows map_rows(mapping, Cout, PH * PW, os_c, os_p);
+  const int64_t out_stride_roi = Cout * PH * PW, out_stride_channel = cl ? 1 : PH * PW, out_stride_bin = cl ? Cout : 1;
+  const detail::PsMappingRows map_rows(mapping, Cout, PH * PW, out_stride_channel, out_stride_bin);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "ps_roi_pool_forward", [&] {
     using acc_t = opmath_t<scalar_t>;
     using Vec = OpVec<scalar_t>;
@@ -94,12 +101,12 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
     const int64_t P = PH * PW;
     const scalar_t* ip = in.const_data_ptr<scalar_t>();
     scalar_t* op = output.data_ptr<scalar_t>();
-    // Writes bin bb = ph * PW + pw of ROI k, output channels c0 .. c0 + n: the mean of its
+    // Writes bin bin = ph * PW + pw of ROI k, output channels c0 .. c0 + n: the mean of its
     // pixels from their sum, 0 for an empty bin.
-    const auto store_bin = [&](int64_t k, int64_t bb, int64_t c0, int64_t n, const Vec& sum) {
+    const auto store_bin = [&](int64_t k, int64_t bin, int64_t c0, int64_t n, const Vec& sum) {
       const PoolBins& b = B[k];
-      const int64_t ph = bb / PW, pw = bb % PW;
-      store_strided(op + k * os_k + c0 * os_c + bb * os_p, os_c,
+      const int64_t ph = bin / PW, pw = bin % PW;
+      store_strided(op + k * out_stride_roi + c0 * out_stride_channel + bin * out_stride_bin, out_stride_channel,
                     b.empty(ph, pw) ? Vec(0) : sum / Vec(static_cast<acc_t>(b.area(ph, pw))), n);
     };
     // NCHW: bin (ph, pw) of ROI k, `bin` pointing at that bin's channel for c0 at pixel (0, 0).
@@ -122,7 +129,8 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
     // channels_last: rows swept top to bottom (NOTE [ ps_roi_pool channels_last forward ]).
     // Each image's ROIs in groups whose running sums fit in 4 MiB (one group for the usual few
     // hundred ROIs), so that a thread's scratch is bounded whatever the number of boxes.
-    const int64_t group_size = std::max<int64_t>(1, (int64_t{4} << 20) / (P * V * static_cast<int64_t>(sizeof(acc_t))));
+    const int64_t group_bytes = debug::threshold(debug::kPsRoiPoolGroupBytes, int64_t{4} << 20);
+    const int64_t group_size = std::max<int64_t>(1, group_bytes / (P * V * static_cast<int64_t>(sizeof(acc_t))));
     std::vector<std::pair<int64_t, std::vector<int64_t>>> groups;  // (image, ROIs)
     for (const auto& ks : detail::rois_per_image(B, N)) {
       const int64_t R = static_cast<int64_t>(ks.size());
@@ -151,9 +159,9 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
         const scalar_t* image = ip + m * HW * C + c0 * P;
         acc.assign(R * P * V, acc_t(0));
         for (const int64_t k : ks) {  // empty bins are never visited by the sweep
-          for (int64_t bb = 0; bb < P; ++bb) {
-            if (B[k].empty(bb / PW, bb % PW)) {
-              store_bin(k, bb, c0, n, Vec(0));
+          for (int64_t bin = 0; bin < P; ++bin) {
+            if (B[k].empty(bin / PW, bin % PW)) {
+              store_bin(k, bin, c0, n, Vec(0));
             }
           }
         }
@@ -180,16 +188,16 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_pool_forward(
                 if (b.w1[pw] <= b.w0[pw]) {
                   continue;
                 }
-                const int64_t bb = ph * PW + pw;
-                acc_t* slot = acc.data() + (j * P + bb) * V;
+                const int64_t bin = ph * PW + pw;
+                acc_t* slot = acc.data() + (j * P + bin) * V;
                 Vec sum = Vec::loadu(slot);
                 for (int64_t w = b.w0[pw]; w < b.w1[pw]; ++w) {  // torchvision's order: rows, then columns
-                  sum = sum + load(row + w * C + bb);
+                  sum = sum + load(row + w * C + bin);
                 }
                 if (h + 1 < b.h1[ph]) {
                   sum.store(slot);
                 } else {  // the bin's last row
-                  store_bin(k, bb, c0, n, sum);
+                  store_bin(k, bin, c0, n, sum);
                 }
               }
             }
@@ -223,13 +231,13 @@ at::Tensor ps_roi_pool_backward(
   if (grad.numel() == 0 || batch_size * channels * height * width == 0) {
     return detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt).to(grad.scalar_type());
   }
-  // Every element is written once by the thread that owns it (NchwPlanes / by_bands).
+  // Every element is written once by the thread that owns it (NOTE [ position-sensitive backward ]).
   at::Tensor grad_in = detail::owned_grad_input(grad, batch_size, channels, height, width, fmt);
   const bool stream = detail::stream_grad_input(grad_in);
   const at::Tensor g = grad.contiguous(fmt);
   const auto B = ps_bins(detail::rois_as(rois, acc_type), batch_size, height, width, spatial_scale, PH, PW);
-  const int64_t C = channels, W = width, HW = height * width;
-  const int64_t os_k = Cout * PH * PW, os_c = cl ? 1 : PH * PW, os_p = cl ? Cout : 1;
+  const int64_t C = channels, W = width;
+  const int64_t out_stride_roi = Cout * PH * PW, out_stride_channel = cl ? 1 : PH * PW, out_stride_bin = cl ? Cout : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "ps_roi_pool_backward", [&] {
     using acc_t = opmath_t<scalar_t>;
     using Vec = OpVec<scalar_t>;
@@ -237,49 +245,36 @@ at::Tensor ps_roi_pool_backward(
     const auto per_image = detail::rois_per_image(B, batch_size);
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gi = grad_in.data_ptr<scalar_t>();
-    const int64_t P = PH * PW;
-    // Adds ROI k's gradient of bin (ph, pw), output channels c0 .. c0 + n, to rows [h0, h1) of
-    // dst (input channel c0 * P + ph * PW + pw, at its row 0); lanes are `ls` apart, pixels `ps`.
-    const auto scatter_rows = [&](int64_t k, int64_t ph, int64_t pw, int64_t c0, int64_t n, int64_t h0, int64_t h1,
-                                  acc_t* dst, int64_t ls, int64_t ps) {
+    // NOTE [ position-sensitive backward ] in ps_drivers.h: the gradient of output channels
+    // c0 .. c0 + n of bin (ph, pw) of ROI k, divided by the bin's area, added to its pixels in
+    // rows [r0, r1).
+    const auto scatter = [&](int64_t k, int64_t ph, int64_t pw, int64_t c0, int64_t n, int64_t r0, int64_t r1,
+                             acc_t* dst, int64_t lane_stride, int64_t pixel_stride) {
       const PoolBins& b = B[k];
+      if (b.empty(ph, pw)) {
+        return;
+      }
+      const int64_t h0 = std::max(b.h0[ph], r0), h1 = std::min(b.h1[ph], r1);
       const acc_t area = static_cast<acc_t>(b.area(ph, pw));
       acc_t d[V];
-      (load_strided<scalar_t>(gp + k * os_k + c0 * os_c + (ph * PW + pw) * os_p, os_c, n) / Vec(area)).store(d);
+      (load_strided<scalar_t>(gp + k * out_stride_roi + c0 * out_stride_channel + (ph * PW + pw) * out_stride_bin,
+                              out_stride_channel, n) /
+       Vec(area))
+          .store(d);
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t w = b.w0[pw]; w < b.w1[pw]; ++w) {
-          acc_t* px = dst + (h * W + w) * ps;
+          acc_t* px = dst + ((h - r0) * W + w) * pixel_stride;
           for (int64_t j = 0; j < n; ++j) {
-            px[j * ls] += d[j];
+            px[j * lane_stride] += d[j];
           }
         }
       }
     };
-    if (cl) {
-      // Bands of half of L2 (1 MiB here; 1.5 MiB measured 1-3% slower, 2 MiB 6-8%).
-      const int64_t band_bytes = detail::l2_bytes() / 2;
-      detail::by_bands(gi, batch_size, C, height, width, stream, band_bytes, [&](int64_t m, int64_t r0, int64_t r1, acc_t* band) {
-        for (const int64_t k : per_image[m]) {
-          const PoolBins& b = B[k];
-          for (int64_t ph = 0; ph < PH; ++ph) {
-            const int64_t h0 = std::max(b.h0[ph], r0), h1 = std::min(b.h1[ph], r1);
-            for (int64_t pw = 0; pw < PW && h0 < h1; ++pw) {
-              for (int64_t c0 = 0; c0 < Cout && !b.empty(ph, pw); c0 += V) {
-                acc_t* dst = band + c0 * P + ph * PW + pw;  // row r0 is the band's row 0
-                scatter_rows(k, ph, pw, c0, std::min(V, Cout - c0), h0 - r0, h1 - r0, dst, P, C);
-              }
-            }
-          }
-        }
-      });
-      return;
-    }
-    detail::ps_backward_nchw(gi, per_image, C, HW, PH, PW, Cout, K, stream,
-                             [&](int64_t k, int64_t ph, int64_t pw, int64_t c0, int64_t n, acc_t* dst, int64_t ls) {
-                               if (!B[k].empty(ph, pw)) {
-                                 scatter_rows(k, ph, pw, c0, n, B[k].h0[ph], B[k].h1[ph], dst, ls, 1);
-                               }
-                             });
+    // Whether row ph of k's bins has a row in [r0, r1).
+    const auto touches = [&](int64_t k, int64_t ph, int64_t r0, int64_t r1) {
+      return std::max(B[k].h0[ph], r0) < std::min(B[k].h1[ph], r1);
+    };
+    detail::ps_backward(gi, per_image, C, height, width, PH, PW, Cout, K, cl, stream, touches, scatter);
   });
   return grad_in;
 }

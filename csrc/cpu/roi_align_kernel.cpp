@@ -2,29 +2,38 @@
 // (reduced types accumulate in float).
 //
 // NOTE [ roi_align layouts ]
-// Sampling positions and weights come from roi_common.h (NOTE [ separable bilinear
-// sampling ]): per ROI, merged row taps per output row of bins and merged column taps per
-// output column of bins, computed once and shared by every channel. Every path reduces to
-// one inner loop, bin_sum (and its transpose bin_scatter), over pixel-major data: a bin is a
-// weighted sum of whole pixel vectors, vectorized over channels.
-// - channels_last forward: pixels are already C-vectors. Parallel over ROIs.
-// - NCHW forward: when the ROIs of an image read more than half its pixels, a block of V
-//   channels of the image is transposed into a pixel-major scratch [H, W, V] (16x16 register
-//   transposes) and every ROI of that image runs bin_sum on it; parallel over (image, block).
-//   Otherwise transposing would cost more than the sampling, and direct per-plane loops run,
-//   channel-major so that a plane stays in cache for all its ROIs (torchvision goes ROI-major
-//   and streams every plane once per ROI).
-// - Backward scatters into grad_input, where ROIs overlap. Threads own disjoint parts of
-//   grad_input and visit ROIs, bins and taps in one fixed order: no races, no atomics, and
-//   the result is bitwise the same for any thread count. NCHW, and channels_last in
-//   bfloat16/half, accumulate a block of V channels of one image in a float pixel-major
-//   scratch and write it once; channels_last float/double accumulate in place, threads
-//   owning blocks of V channels (one cache line of fp32: no false sharing).
+// The parts, bottom up:
+// - Geometry (roi_geometry.h, NOTE [ separable bilinear sampling ]): per ROI, the merged row
+//   taps of each output row of bins and the merged column taps of each output column, computed
+//   once (build_roi_sampling) and shared by every channel.
+// - Two leaf loops over pixel-major data, vectorized over channels: bin_sum (a bin as a
+//   weighted sum of whole pixel vectors, sum_r wy[r] * sum_c wx[c] * X[r, c]) and its
+//   transpose bin_scatter. for_channel_groups runs them on four vectors at a time (four
+//   independent FMA chains). Every layout reduces to these two loops:
+// - channels_last forward (forward_channels_last): pixels already are C-vectors; parallel over
+//   ROIs in spatial order (roi_schedule.h), so neighbouring boxes share cached lines.
+// - NCHW forward, two paths chosen by the work (use_transposed_nchw, NOTE [ transposed NCHW ]
+//   in roi_schedule.h, the rule roi_pool shares): forward_nchw_blocked transposes a block of
+//   V channels of an image into a pixel-major scratch [H, W, V] (pixel_transpose.h) and runs
+//   bin_sum for every ROI of the image on it, parallel over (image, block); forward_nchw_direct,
+//   for few ROIs, loops per plane, channel-major so a plane stays in cache for all its ROIs
+//   (torchvision goes ROI-major and streams every plane once per ROI).
+// - Backward: ROIs overlap, so threads own disjoint parts of grad_input and visit ROIs, bins and
+//   taps in one fixed order: no races, no atomics, and the same bits for any thread count.
+//   backward_blocked (NCHW, and channels_last in bfloat16/half) accumulates a block of V
+//   channels of one image in a float pixel-major scratch with bin_scatter and writes it once,
+//   rounded; backward_channels_last_inplace (channels_last float/double) adds straight into a
+//   zeroed grad_input, threads owning blocks of V channels (one cache line of fp32: no false
+//   sharing), so that every pixel's C values are updated together.
+// - Glue: forward / roi_align_backward check arguments (checks.h), allocate outputs in the
+//   input's layout and dispatch on dtype; register_kernels puts both ops on the switchable
+//   override (override.h, route (a)); _roi_align_mixed, the autocast entry below, is a static
+//   registration of the package's own namespace (route (b)).
 //
 // NOTE [ roi_align under autocast ]
 // Like torchvision's kernel, torchvision::roi_align takes rois of the input's dtype only.
 // Under bfloat16/float16 autocast torchvision casts the feature map to float32 and the result
-// back; our AutocastCPU rule (torchvision_cpu_ext/ops/roi_align.py) keeps a reduced feature map
+// back; our AutocastCPU rule (torchvision_cpu_ext/ops/_rules.py) keeps a reduced feature map
 // as it is and casts only the rois to float32 (bfloat16 cannot hold pixel coordinates), then
 // calls torchvision_cpu_ext::_roi_align_mixed: this same forward, accepting that one mixed
 // pair. A separate op keeps the mixed pair an autocast-only case (outside autocast it raises,
@@ -33,7 +42,10 @@
 // that pair too.
 #include "memory.h"
 #include "override.h"
-#include "roi_common.h"
+#include "pixel_transpose.h"
+#include "checks.h"
+#include "roi_geometry.h"
+#include "roi_schedule.h"
 #include "vec_io.h"
 
 #include <ATen/Dispatch.h>
@@ -63,13 +75,13 @@ inline void for_channel_groups(int64_t c0, int64_t c1, const F& f) {
 }
 
 // The sum of bin (ph, pw) of one ROI over NV vectors of channels starting at `px0`, in a
-// pixel-major image whose pixels are `pstride` elements apart (see NOTE [ separable bilinear
+// pixel-major image whose pixels are `pixel_stride` elements apart (see NOTE [ separable bilinear
 // sampling ]): sum_r wy[r] * sum_c wx[c] * X[r, c].
 template <typename scalar_t, int NV>
 inline void bin_sum(
     const scalar_t* px0,
     int64_t W,
-    int64_t pstride,
+    int64_t pixel_stride,
     const RoiSampling<opmath_t<scalar_t>>& s,
     int64_t ph,
     int64_t pw,
@@ -80,11 +92,11 @@ inline void bin_sum(
   constexpr int64_t V = Vec::size();
   for (int v = 0; v < NV; ++v) acc[v] = Vec(acc_t(0));
   for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
-    const scalar_t* row = px0 + s.y.idx[ky] * W * pstride;
+    const scalar_t* row = px0 + s.y.idx[ky] * W * pixel_stride;
     Vec racc[NV];
     for (int v = 0; v < NV; ++v) racc[v] = Vec(acc_t(0));
     for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
-      const scalar_t* px = row + s.x.idx[kx] * pstride;
+      const scalar_t* px = row + s.x.idx[kx] * pixel_stride;
       const Vec wx(s.x.w[kx]);
       for (int v = 0; v < NV; ++v) {
         racc[v] = at::vec::fmadd(wx, load_opmath(px + v * V, v == NV - 1 ? n_last : V), racc[v]);
@@ -100,7 +112,7 @@ template <typename scalar_t, int NV>
 inline void bin_scatter(
     opmath_t<scalar_t>* px0,
     int64_t W,
-    int64_t pstride,
+    int64_t pixel_stride,
     const RoiSampling<opmath_t<scalar_t>>& s,
     int64_t ph,
     int64_t pw,
@@ -109,9 +121,9 @@ inline void bin_scatter(
   using Vec = OpVec<scalar_t>;
   constexpr int64_t V = Vec::size();
   for (int64_t ky = s.y.begin(ph); ky < s.y.end(ph); ++ky) {
-    auto* row = px0 + s.y.idx[ky] * W * pstride;
+    auto* row = px0 + s.y.idx[ky] * W * pixel_stride;
     for (int64_t kx = s.x.begin(pw); kx < s.x.end(pw); ++kx) {
-      auto* px = row + s.x.idx[kx] * pstride;
+      auto* px = row + s.x.idx[kx] * pixel_stride;
       const Vec w(s.y.w[ky] * s.x.w[kx]);
       for (int v = 0; v < NV; ++v) {
         const int64_t n = v == NV - 1 ? n_last : V;
@@ -166,18 +178,15 @@ void forward_channels_last(
   });
 }
 
-// NCHW runs on blocks of V channels of one image at a time: the block is transposed into a
-// pixel-major scratch [H, W, V] (or, for the backward, accumulated there and transposed
-// back), so that the inner loops are the channels_last ones with one vector per pixel. The
-// transpose costs O(H * W) per block and pays off once the image's ROIs read more than that;
-// for a few ROIs the direct per-plane loops are cheaper (see use_blocked_nchw).
+// The pixels the bins of all ROIs read, per channel: the work that decides the NCHW path
+// (NOTE [ transposed NCHW ] in roi_schedule.h).
 template <typename acc_t>
-bool use_blocked_nchw(const std::vector<RoiSampling<acc_t>>& S, int64_t N, int64_t H, int64_t W, int64_t PH, int64_t PW) {
+int64_t pixel_reads(const std::vector<RoiSampling<acc_t>>& S, int64_t PH, int64_t PW) {
   int64_t taps = 0;
   for (const auto& s : S) {
     taps += PH * PW * s.y.n * s.x.n;
   }
-  return taps >= N * H * W / 2;
+  return taps;
 }
 
 template <typename scalar_t>
@@ -410,7 +419,7 @@ at::Tensor forward(
     }
     const auto S = detail::build_all_roi_sampling<acc_t>(
         r, in.size(0), in.size(2), in.size(3), spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
-    if (use_blocked_nchw(S, in.size(0), in.size(2), in.size(3), pooled_height, pooled_width)) {
+    if (detail::use_transposed_nchw(pixel_reads(S, pooled_height, pooled_width), in.size(0), in.size(2), in.size(3))) {
       forward_nchw_blocked<scalar_t>(in, S, output, pooled_height, pooled_width);
     } else {
       forward_nchw_direct<scalar_t>(in, S, output, pooled_height, pooled_width);

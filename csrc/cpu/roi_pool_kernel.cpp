@@ -1,43 +1,50 @@
 // roi_pool forward and backward for CPU: NCHW and channels_last, float/double/bfloat16/half.
 //
 // NOTE [ roi_pool ]
-// Bins are torchvision's integer bins (roi_common.h, PoolBins). Each output is the maximum of
-// its bin with torchvision's rules kept exactly: the scan goes row by row, a value replaces
-// the running maximum only when strictly greater (so ties keep the first position, NaN is
-// never taken, and a bin of values <= -FLT_MAX reports -FLT_MAX with argmax -1), an empty bin
+// Semantics: bins are torchvision's integer bins (roi_geometry.h, PoolBins). Each output is the
+// maximum of its bin with torchvision's rules kept exactly: the scan goes row by row, a value
+// replaces the running maximum only when strictly greater (so ties keep the first position, NaN
+// is never taken, and a bin of values <= -FLT_MAX reports -FLT_MAX with argmax -1), an empty bin
 // gives 0 and argmax -1. Max is exact in every dtype, so outputs equal torchvision's bit for
-// bit; argmax is the int32 index h * W + w within the plane.
-// - channels_last forward: a bin's pixels are read in scan order, as vectors of channels:
-//   four per scan, whose running maxima and positions (the position as the integer's bits in
-//   an opmath lane, so one masked move takes both) stay in registers (AVX-512: a compare into
-//   a mask register and two masked moves). A P2 call reads each pixel ~20 times (2.5M pixel
-//   reads of 1 KB, 2.5 GB), so the work is arranged for the caches: items are (image, block
-//   of those 4 vectors of channels, chunk of its boxes), and an item sweeps the image in
-//   bands of rows (~256 KiB of the block's lines, kept in L2), scanning in each band the part
-//   of every bin that lies in it. A bin spanning bands keeps its running state in a small
-//   per-thread scratch slot between them (plan_bands: slots are reused once their bins end;
-//   the state is exactly the sequential scan's, so ties and NaN behave as in one pass), and
-//   its result is written once, with non-temporal stores when the results are large. P2 case,
-//   2 threads, fp32: parallel over boxes in spatial order and all channels per bin 68-72 ms;
-//   bands 50 ms; + scratch slots and streamed results (instead of keeping the state in the
-//   output) 35-37 ms (allocation of argmax from the output pool included: a fresh 49 MB argmax
-//   cost ~15 ms of page faults per call). A standalone model of the loop (same bins, 2 threads)
-//   takes ~30 ms, 14 ms with its pixels in L1 and no results written.
-// - NCHW forward: as in roi_align (NOTE [ roi_align layouts ]): blocks of V channels of one
-//   image are transposed to pixel-major and run the same bin loop, when the bins read more
-//   than half the map; otherwise direct per-plane scalar loops.
-// - Backward adds each output gradient at its argmax. Threads own (image, channel) planes in
-//   NCHW (detail::NchwPlanes: the plane stays in cache, large gradients are written with
-//   non-temporal stores) and bands of rows (3/4 of L2) in channels_last (detail::by_bands; each band
-//   visits the bins whose rows meet it and adds the channels whose argmax falls in it with a
-//   masked gather/add/scatter: P2 case, 2 threads, 38-46 -> 24 ms fp32, 58-75 -> 25 ms bf16;
-//   the same bands with a scalar loop per channel measured 72-83 ms). ROIs are visited in
-//   order: no races, deterministic, each element's adds in torchvision's order. An argmax
-//   outside its bin's rows (not one roi_pool made) sends channels_last to the general path:
-//   threads own blocks of V channels of a zeroed float map.
+// bit, whatever the path; argmax is the int32 index h * W + w within the plane.
+// The parts, bottom up:
+// - Leaf loops over pixel-major data, vectorized over channels: take_greater / scan_max keep
+//   the running maxima and their positions in registers (the position as the integer's bits in
+//   an opmath lane, so one masked move takes both; AVX-512: a compare into a mask register and
+//   two masked moves), four vectors per scan; bin_max / store_bin run and write one bin.
+// - channels_last forward (forward_channels_last): the work is bound by the caches (each
+//   pixel of a large map is read many times by overlapping boxes), so items are (image, block
+//   of four vectors of channels, chunk of its boxes) and an item sweeps the image in bands of
+//   rows (~256 KiB of the block's lines, kept in L2), scanning in each band the part of every
+//   bin that lies in it. plan_bands lists, per band, the rows of bins (BandRow) that meet it; a
+//   bin spanning bands keeps its running state in a small per-thread scratch slot between them
+//   (slots are reused once their bins end; the state is exactly the sequential scan's, so ties
+//   and NaN behave as in one pass), and its result is written once, in its last band
+//   (band_row), with non-temporal stores when the results are large.
+// - NCHW forward, two paths chosen by the work (use_transposed_nchw, NOTE [ transposed NCHW ]
+//   in roi_schedule.h, the rule roi_align shares): forward_nchw_blocked transposes blocks of V
+//   channels of an image to pixel-major (pixel_transpose.h) and runs the same bin loop;
+//   forward_nchw_direct, for bins reading less than half the map, runs scalar per-plane loops.
+// - Backward adds each output gradient at its argmax, ROIs in order, so every element gets its
+//   adds in torchvision's order (deterministic, no races, no atomics):
+//   channels_last (backward_channels_last_bands): threads own bands of rows (3/4 of L2;
+//   detail::by_bands) and each band visits the bins whose rows meet it, adding the channels
+//   whose argmax falls in it with a masked gather/add/scatter (scatter_band). An argmax outside
+//   its bin's rows (not one roi_pool made) sends channels_last to the general path: threads
+//   own blocks of V channels of a zeroed float map. NCHW: threads own (image, channel) planes
+//   (detail::OwnedGradAccumulator), zeroed right before their ROIs scatter into them so the
+//   plane stays in cache, large gradients written with non-temporal stores.
+// - Glue: roi_pool_forward / roi_pool_backward check arguments (checks.h), allocate outputs
+//   (argmax too) from the output pool in the input's layout, and register on the switchable
+//   override (override.h).
+// Band sizes, streaming thresholds and the measurements behind them: benchmarks/HISTORY.md.
+#include "checks.h"
+#include "debug_thresholds.h"
 #include "memory.h"
 #include "override.h"
-#include "roi_common.h"
+#include "pixel_transpose.h"
+#include "roi_geometry.h"
+#include "roi_schedule.h"
 #include "vec_io.h"
 
 #include <ATen/Dispatch.h>
@@ -235,7 +242,7 @@ inline BandPlan plan_bands(
 // The rows [r0, r1) of one row of bins (`row`, box b) for NV vectors of channels (the last
 // `lanes` wide): each bin starts in its first band, else resumes from its slot state (per pw:
 // CB values, then CB positions); in its last band the result is written (non-temporal stores
-// if `nt`, fenced by the caller), else the state is kept. `out`/`am` are bin (ph, 0)'s first
+// if `stream_results`, fenced by the caller), else the state is kept. `out`/`am` are bin (ph, 0)'s first
 // channel; bins are C apart.
 template <typename scalar_t, int NV>
 C10_ALWAYS_INLINE void band_row(
@@ -252,7 +259,7 @@ C10_ALWAYS_INLINE void band_row(
     int64_t CB,
     scalar_t* out,
     int32_t* am,
-    bool nt) {
+    bool stream_results) {
   using acc_t = opmath_t<scalar_t>;
   using Vec = OpVec<scalar_t>;
   constexpr int64_t V = Vec::size();
@@ -286,13 +293,13 @@ C10_ALWAYS_INLINE void band_row(
       cur[g].store(m + g * V);
       pos[g].store(arg + g * V);
     }
-    write_opmath(out + pw * C, m, n, nt, /*fence=*/false);
+    write_opmath(out + pw * C, m, n, stream_results, /*fence=*/false);
     if constexpr (std::is_same_v<IdxInt<acc_t>, int32_t>) {
-      write_opmath(am + pw * C, arg, n, nt, /*fence=*/false);
+      write_opmath(am + pw * C, arg, n, stream_results, /*fence=*/false);
     } else {
       int32_t arg32[NV * V];
       std::copy(arg, arg + n, arg32);
-      write_opmath(am + pw * C, arg32, n, nt, /*fence=*/false);
+      write_opmath(am + pw * C, arg32, n, stream_results, /*fence=*/false);
     }
   }
 }
@@ -312,13 +319,13 @@ void forward_channels_last(
   using acc_t = opmath_t<scalar_t>;
   constexpr int64_t V = OpVec<scalar_t>::size(), CB = 4 * V;
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  // Bands of ~256 KiB of the block's lines (P2: 3 rows fp32, 7 bf16): 1-4 rows measured alike
-  // (34-37 ms, P2 case, 2 threads), 7+ rows of fp32 slower (the block's lines, 4 of each
-  // pixel's 16, use a quarter of the cache sets). Results of 16 MiB and more are streamed:
-  // P2 (98 MB) 51 -> 37 ms, 300 boxes (30 MB) 19 -> 15 ms, 100 boxes (10 MB) alike.
-  constexpr int64_t kBandBytes = 256 << 10, kStreamBytes = 16 << 20;
-  const BandPlan plan = plan_bands(B, order, N, H, PH, kBandBytes / std::max<int64_t>(1, W * CB * sizeof(scalar_t)));
-  const bool nt = static_cast<int64_t>(output.nbytes() + argmax.nbytes()) >= kStreamBytes;
+  // Bands of ~256 KiB of the block's lines: a few rows, which leave L2 room for the results;
+  // taller bands of fp32 use only a quarter of the cache sets (the block's lines are 4 of each
+  // pixel's 16). Results of 16 MiB and more are streamed: nothing reads them soon.
+  const int64_t band_bytes = debug::threshold(debug::kRoiPoolBandBytes, int64_t{256} << 10);
+  const int64_t stream_bytes = debug::threshold(debug::kRoiPoolStreamBytes, int64_t{16} << 20);
+  const BandPlan plan = plan_bands(B, order, N, H, PH, band_bytes / std::max<int64_t>(1, W * CB * static_cast<int64_t>(sizeof(scalar_t))));
+  const bool stream_results = static_cast<int64_t>(output.nbytes() + argmax.nbytes()) >= stream_bytes;
   const int64_t blocks = (C + CB - 1) / CB;
   const int64_t most = std::max<int64_t>(1, *std::max_element(plan.count.begin(), plan.count.end()));
   const int64_t chunks = std::clamp<int64_t>((2 * at::get_num_threads() + N * blocks - 1) / (N * blocks), 1, most);
@@ -342,16 +349,16 @@ void forward_channels_last(
           const int64_t o = (row.k * PH + row.ph) * PW * C + c0;
           acc_t* st = scratch.data() + std::max(row.slot, 0) * PW * 2 * CB;
           if (nc == CB) {
-            band_row<scalar_t, 4>(img, W, C, V, b, row, PW, r0, r1, st, CB, out + o, am + o, nt);
+            band_row<scalar_t, 4>(img, W, C, V, b, row, PW, r0, r1, st, CB, out + o, am + o, stream_results);
             continue;
           }
           for (int64_t c = 0; c < nc; c += V) {
-            band_row<scalar_t, 1>(img + c, W, C, std::min(V, nc - c), b, row, PW, r0, r1, st + c, CB, out + o + c, am + o + c, nt);
+            band_row<scalar_t, 1>(img + c, W, C, std::min(V, nc - c), b, row, PW, r0, r1, st + c, CB, out + o + c, am + o + c, stream_results);
           }
         }
       }
     }
-    if (nt) {
+    if (stream_results) {
       stream_fence();
     }
   });
@@ -449,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward(
   const auto fmt = detail::layout_of(kOp, input);
   const int64_t K = rois.size(0), N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   at::Tensor output = empty_output({K, C, pooled_height, pooled_width}, input.options(), fmt);
-  at::Tensor argmax = empty_output(output.sizes(), output.options().dtype(at::kInt), fmt);  // pooled too: 49 MB on P2
+  at::Tensor argmax = empty_output(output.sizes(), output.options().dtype(at::kInt), fmt);  // pooled too
   if (output.numel() == 0) {
     return {output, argmax};
   }
@@ -470,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward(
         }
       }
     }
-    if (reads >= N * H * W / 2) {
+    if (detail::use_transposed_nchw(reads, N, H, W)) {
       forward_nchw_blocked<scalar_t>(in, B, output, argmax, pooled_height, pooled_width);
     } else {
       forward_nchw_direct<scalar_t>(in, B, output, argmax, pooled_height, pooled_width);
@@ -559,9 +566,8 @@ bool backward_channels_last_bands(
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
   const int32_t* ap = a.const_data_ptr<int32_t>();
   std::atomic<bool> all_in_bins{true};
-  // Bands of 3/4 of L2: the P2 boxes' bin rows span several bands. Measured (P2 case, 2
-  // threads, 2 MiB L2): 1 MiB bands 18.5 ms, 1.5 MiB 16.3, 2 MiB 16.0, 3 MiB 16.8 (bfloat16
-  // 16.9 -> 14.2 ms at 1.5 MiB; 1 thread 35.9 -> 32.3 ms). The ps ops' small boxes keep half.
+  // Bands of 3/4 of L2: large boxes' bin rows span several bands, and taller bands repeat less
+  // of that work while they still fit (the ps ops' small boxes keep half).
   detail::by_bands(
       grad_in.data_ptr<scalar_t>(), N, C, H, W, detail::stream_grad_input(grad_in), detail::l2_bytes() * 3 / 4,
       [&](int64_t m, int64_t r0, int64_t r1, acc_t* band) {
@@ -631,7 +637,7 @@ at::Tensor roi_pool_backward(
       return owned;
     }
   }
-  // NCHW planes are written by the thread that owns them (detail::NchwPlanes); channels_last
+  // NCHW planes are written by the thread that owns them (detail::OwnedGradAccumulator); channels_last
   // with an argmax outside its bin scatters into zeros.
   at::Tensor grad_in = cl ? detail::zeroed_grad_input(grad, batch_size, channels, height, width, fmt)
                           : detail::owned_grad_input(grad, batch_size, channels, height, width, fmt);
@@ -690,11 +696,10 @@ at::Tensor roi_pool_backward(
       return;
     }
     // NCHW: threads own (image, channel) planes, zeroed right before their ROIs scatter into
-    // them, so the plane (217 KB on P2) stays in cache; owning a channel of every image and
-    // scattering into a zero-filled map missed it on nearly every add (P2 case, 2 threads:
-    // 106 -> 32 ms).
+    // them, so the plane stays in cache; owning a channel of every image and scattering into a
+    // zero-filled map missed the cache on nearly every add.
     at::parallel_for(0, N * C, detail::grain_for(HW + K / std::max<int64_t>(N, 1) * P), [&](int64_t t0, int64_t t1) {
-      detail::NchwPlanes<scalar_t> planes(stream);
+      detail::OwnedGradAccumulator<scalar_t> planes(stream);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n = t / C, c = t % C;
         int64_t unused = 0;

@@ -66,13 +66,11 @@ inline OpVec<scalar_t> load_strided(const scalar_t* p, int64_t stride, int64_t n
 // Loads p[0], p[stride], ..., p[(n - 1) * stride] (n <= OpVec::size()) as one opmath vector:
 // the position-sensitive ops read one element of each of n channel planes at the same pixel.
 // Lanes past n are unspecified (callers keep only n lanes). float and double use the ISA's
-// gather when the offsets fit its index type (on AVX-512 masked to the n lanes: a 10-lane
-// masked gather measured ~30% cheaper than a full one). bfloat16/half on AVX-512 gather the
-// aligned 32-bit word holding each element (never past the element's own 4 bytes, so never
-// into another page) and take its half. R-FCN forwards in bfloat16, 2 threads, lane by lane ->
-// gathered: ps_roi_pool NCHW 1.84 -> 1.22 ms, channels_last 2.16 -> 1.81; ps_roi_align 2.13 ->
-// 1.49, 2.35 -> 1.60. Elsewhere reduced floats load lane by lane (for float, scalar loads
-// through a buffer measured slower than a gather).
+// gather when the offsets fit its index type (on AVX-512 masked to the n lanes, cheaper than a
+// full gather). bfloat16/half on AVX-512 gather the aligned 32-bit word holding each element
+// (never past the element's own 4 bytes, so never into another page) and take its half, which
+// beats loading lane by lane. Elsewhere reduced floats load lane by lane (for float, scalar
+// loads through a buffer were slower than a gather). Measurements: benchmarks/HISTORY.md.
 template <typename scalar_t>
 class StridedLoad {
  public:
@@ -243,9 +241,9 @@ inline void write_opmath(scalar_t* dst, const opmath_t<scalar_t>* src, int64_t n
 }
 
 // write_opmath that also leaves src all zero, for a buffer written out and then accumulated
-// into again (NchwPlanes): zeroed once, afterwards only its nonzero blocks are cleared, instead
-// of a memset of all of it per use. The R-FCN ps gradients are ~88% zeros; skipping the
-// rounding of their zero blocks made the bfloat16 NCHW ps_roi_pool backward 3.5 -> 3.1 ms.
+// into again (OwnedGradAccumulator): zeroed once, afterwards only its nonzero blocks are
+// cleared, instead of a memset of all of it per use; the ps gradients are mostly zeros, whose
+// blocks are then neither rounded nor cleared.
 template <typename scalar_t>
 inline void drain_opmath(scalar_t* dst, opmath_t<scalar_t>* src, int64_t n, bool nontemporal) {
   io_detail::write_opmath<true>(dst, src, n, nontemporal, /*fence=*/true);
