@@ -79,6 +79,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace tvce {
@@ -211,26 +213,89 @@ Geometry check_args(
   TORCH_CHECK(
       bias.numel() == g.C_out, op, ": bias must have one element per output channel (", g.C_out, "), got ",
       bias.numel());
+  // The plan keeps pixel indices and unshifted positions in int32.
+  constexpr int64_t kInt32 = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(
+      g.H * g.W < kInt32 && g.OH * sh + ph + g.kh * dh < kInt32 && g.OW * sw + pw + g.kw * dw < kInt32, op,
+      ": the input's height * width (", g.H, " * ", g.W, ") and the sampling positions must fit in int32");
   g.C_in_g = g.C / groups;
   g.C_out_g = g.C_out / groups;
   g.C_og = g.C / offset_groups;
   return g;
 }
 
-// One bilinear sample of one (offset group, tap, output pixel): see NOTE [ deform_conv2d design ].
+// The sampling plan of one tile (NOTE [ deform_conv2d design ]), as a structure of arrays: row
+// r = offset group * K + tap holds the tile's P pixels. Per sample: the four neighbours' pixel
+// indices (y * W + x; -1 outside the image), their bilinear weights with the mask folded in (0
+// outside), and for the backward the fractions of y and x, the mask and whether the sample is
+// inside (-1, H) x (-1, W). Pixel indices are int32: the forward checks H * W against it.
 template <typename acc_t>
-struct Sample {
-  // Neighbours (y_l, x_l), (y_l, x_h), (y_h, x_l), (y_h, x_h): pixel index y * W + x, -1 outside.
-  int64_t idx[4];
-  // Their bilinear weights times the mask (0 outside).
-  acc_t w[4];
-  // Fractions of y and x, and the mask, for the backward.
-  acc_t ly, lx, m;
-  // Whether -1 < y < H and -1 < x < W; a sample outside reads 0 (and has no gradient).
-  bool inside;
+class Plan {
+ public:
+  Plan(int64_t rows, int64_t P) : P_(P), idx_(4 * rows * P), val_(8 * rows * P), inside_(rows * P) {}
+  int64_t P() const {
+    return P_;
+  }
+  int32_t* idx(int t, int64_t r) {
+    return idx_.data() + (r * 4 + t) * P_;
+  }
+  const int32_t* idx(int t, int64_t r) const {
+    return idx_.data() + (r * 4 + t) * P_;
+  }
+  // Fields: 0-3 the weights, 4 the y fraction, 5 the x fraction, 6 the mask.
+  acc_t* val(int field, int64_t r) {
+    return val_.data() + (r * 8 + field) * P_;
+  }
+  const acc_t* val(int field, int64_t r) const {
+    return val_.data() + (r * 8 + field) * P_;
+  }
+  uint8_t* inside(int64_t r) {
+    return inside_.data() + r * P_;
+  }
+  const uint8_t* inside(int64_t r) const {
+    return inside_.data() + r * P_;
+  }
+
+ private:
+  int64_t P_;
+  std::vector<int32_t> idx_;
+  std::vector<acc_t> val_;
+  std::vector<uint8_t> inside_;
 };
 
-// Samples of image n's output pixels [p0, p0 + P), stored [offset group][tap][pixel] (P apart).
+// One sample, scalar: the reference form of the vector code in build_plan (float64's path).
+template <typename acc_t>
+inline void plan_sample(const Geometry& g, acc_t y, acc_t x, acc_t m, Plan<acc_t>& plan, int64_t r, int64_t p) {
+  plan.val(6, r)[p] = m;
+  // (Written so that a NaN coordinate is outside.)
+  const bool inside = y > acc_t(-1) && y < static_cast<acc_t>(g.H) && x > acc_t(-1) && x < static_cast<acc_t>(g.W);
+  plan.inside(r)[p] = inside;
+  if (!inside) {
+    for (int t = 0; t < 4; ++t) {
+      plan.idx(t, r)[p] = -1;
+      plan.val(t, r)[p] = acc_t(0);
+    }
+    plan.val(4, r)[p] = plan.val(5, r)[p] = acc_t(0);
+    return;
+  }
+  const int64_t yl = static_cast<int64_t>(std::floor(y)), xl = static_cast<int64_t>(std::floor(x));
+  const acc_t ly = y - static_cast<acc_t>(yl), lx = x - static_cast<acc_t>(xl);
+  const acc_t hy = acc_t(1) - ly, hx = acc_t(1) - lx;
+  plan.val(4, r)[p] = ly;
+  plan.val(5, r)[p] = lx;
+  const bool ok_yl = yl >= 0, ok_yh = yl + 1 <= g.H - 1, ok_xl = xl >= 0, ok_xh = xl + 1 <= g.W - 1;
+  const bool ok[4] = {ok_yl && ok_xl, ok_yl && ok_xh, ok_yh && ok_xl, ok_yh && ok_xh};
+  const int64_t pos = yl * g.W + xl;
+  const int64_t at[4] = {pos, pos + 1, pos + g.W, pos + g.W + 1};
+  const acc_t w[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+  for (int t = 0; t < 4; ++t) {
+    plan.idx(t, r)[p] = ok[t] ? static_cast<int32_t>(at[t]) : -1;
+    plan.val(t, r)[p] = ok[t] ? m * w[t] : acc_t(0);
+  }
+}
+
+// The plan of image n's output pixels [p0, p0 + np). `base` (2 * P int32) is scratch for the
+// pixels' unshifted positions (oy * stride - pad, ox * stride - pad).
 template <typename acc_t>
 void build_plan(
     const Geometry& g,
@@ -239,124 +304,181 @@ void build_plan(
     int64_t n,
     int64_t p0,
     int64_t np,
-    int64_t P,
-    Sample<acc_t>* plan) {
+    int32_t* base,
+    Plan<acc_t>& plan) {
+  const int64_t P = plan.P();
+  int32_t* by = base;
+  int32_t* bx = base + P;
+  for (int64_t p = 0, oy = p0 / g.OW, ox = p0 % g.OW; p < np; ++p) {
+    by[p] = static_cast<int32_t>(oy * g.sh - g.ph);
+    bx[p] = static_cast<int32_t>(ox * g.sw - g.pw);
+    if (++ox == g.OW) {
+      ox = 0, ++oy;
+    }
+  }
   for (int64_t o = 0; o < g.OG; ++o) {
     for (int64_t k = 0; k < g.K; ++k) {
-      const int64_t i = k / g.kw, j = k % g.kw;
-      const acc_t* off_y = offset + ((n * g.OG + o) * 2 * g.K + 2 * k) * g.OHW;
+      const int64_t r = o * g.K + k;
+      const int32_t dy = static_cast<int32_t>((k / g.kw) * g.dh), dx = static_cast<int32_t>((k % g.kw) * g.dw);
+      const acc_t* off_y = offset + ((n * g.OG + o) * 2 * g.K + 2 * k) * g.OHW + p0;
       const acc_t* off_x = off_y + g.OHW;
-      const acc_t* mk = g.use_mask ? mask + ((n * g.OG + o) * g.K + k) * g.OHW : nullptr;
-      Sample<acc_t>* row = plan + (o * g.K + k) * P;
-      for (int64_t p = 0; p < np; ++p) {
-        const int64_t q = p0 + p, oy = q / g.OW, ox = q % g.OW;
-        // As torchvision: the integer part first, then the offset added in acc_t.
-        const acc_t y = static_cast<acc_t>(oy * g.sh - g.ph + i * g.dh) + off_y[q];
-        const acc_t x = static_cast<acc_t>(ox * g.sw - g.pw + j * g.dw) + off_x[q];
-        const acc_t m = mk != nullptr ? mk[q] : acc_t(1);
-        Sample<acc_t>& s = row[p];
-        s.m = m;
-        // (Written so that a NaN coordinate is outside.)
-        s.inside = y > acc_t(-1) && y < static_cast<acc_t>(g.H) && x > acc_t(-1) && x < static_cast<acc_t>(g.W);
-        if (!s.inside) {
-          std::fill_n(s.idx, 4, int64_t(-1));
-          std::fill_n(s.w, 4, acc_t(0));
-          s.ly = s.lx = acc_t(0);
-          continue;
+      const acc_t* mk = g.use_mask ? mask + ((n * g.OG + o) * g.K + k) * g.OHW + p0 : nullptr;
+      int64_t p = 0;
+      if constexpr (std::is_same_v<acc_t, float>) {
+        // As plan_sample, 16 (8) pixels at a time; lanes past np compute on zeros and are not
+        // stored. Every pixel takes this path, so a sample does not depend on the tiling.
+        using fVec = at::vec::Vectorized<float>;
+        using iVec = at::vec::Vectorized<int32_t>;
+        constexpr int64_t V = fVec::size();
+        const fVec zero(0.f), one(1.f), lo(-1.f), Hf(static_cast<float>(g.H)), Wf(static_cast<float>(g.W));
+        const fVec y_max(static_cast<float>(g.H - 2)), x_max(static_cast<float>(g.W - 2));
+        const iVec Wi(static_cast<int32_t>(g.W)), none(-1), one_i(1);
+        for (; p < np; p += V) {
+          const int64_t m_ = std::min(V, np - p);
+          const fVec y = at::vec::convert_to_fp_of_same_size<float>(iVec::loadu(by + p, m_) + iVec(dy)) +
+              fVec::loadu(off_y + p, m_);
+          const fVec x = at::vec::convert_to_fp_of_same_size<float>(iVec::loadu(bx + p, m_) + iVec(dx)) +
+              fVec::loadu(off_x + p, m_);
+          const fVec m = mk != nullptr ? fVec::loadu(mk + p, m_) : one;
+          const fVec inside = (y > lo) & (y < Hf) & (x > lo) & (x < Wf);
+          // Outside lanes continue on 0 so the conversions below stay defined.
+          const fVec yf = fVec::blendv(zero, y.floor(), inside), xf = fVec::blendv(zero, x.floor(), inside);
+          const fVec ly = fVec::blendv(zero, y - yf, inside), lx = fVec::blendv(zero, x - xf, inside);
+          const fVec hy = one - ly, hx = one - lx;
+          const fVec ok_yl = inside & (yf >= zero), ok_yh = inside & (yf <= y_max);
+          const fVec ok_xl = xf >= zero, ok_xh = xf <= x_max;
+          const fVec ok[4] = {ok_yl & ok_xl, ok_yl & ok_xh, ok_yh & ok_xl, ok_yh & ok_xh};
+          const iVec pos = at::vec::convert_to_int_of_same_size(yf) * Wi + at::vec::convert_to_int_of_same_size(xf);
+          const iVec at_[4] = {pos, pos + one_i, pos + Wi, pos + Wi + one_i};
+          const fVec w[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+          for (int t = 0; t < 4; ++t) {
+            iVec::blendv(none, at_[t], at::vec::cast<int32_t>(ok[t])).store(plan.idx(t, r) + p, m_);
+            fVec::blendv(zero, m * w[t], ok[t]).store(plan.val(t, r) + p, m_);
+          }
+          ly.store(plan.val(4, r) + p, m_);
+          lx.store(plan.val(5, r) + p, m_);
+          m.store(plan.val(6, r) + p, m_);
+          int32_t in[V];
+          at::vec::cast<int32_t>(inside).store(in);
+          for (int64_t l = 0; l < m_; ++l) {
+            plan.inside(r)[p + l] = in[l] != 0;
+          }
         }
-        const int64_t yl = static_cast<int64_t>(std::floor(y)), xl = static_cast<int64_t>(std::floor(x));
-        const int64_t yh = yl + 1, xh = xl + 1;
-        const acc_t ly = y - static_cast<acc_t>(yl), lx = x - static_cast<acc_t>(xl);
-        const acc_t hy = acc_t(1) - ly, hx = acc_t(1) - lx;
-        s.ly = ly;
-        s.lx = lx;
-        const bool ok_yl = yl >= 0, ok_yh = yh <= g.H - 1, ok_xl = xl >= 0, ok_xh = xh <= g.W - 1;
-        const bool ok[4] = {ok_yl && ok_xl, ok_yl && ok_xh, ok_yh && ok_xl, ok_yh && ok_xh};
-        const int64_t pos[4] = {yl * g.W + xl, yl * g.W + xh, yh * g.W + xl, yh * g.W + xh};
-        const acc_t w[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
-        for (int t = 0; t < 4; ++t) {
-          s.idx[t] = ok[t] ? pos[t] : -1;
-          s.w[t] = ok[t] ? m * w[t] : acc_t(0);
-        }
+      }
+      for (; p < np; ++p) {
+        const acc_t y = static_cast<acc_t>(by[p] + dy) + off_y[p];
+        const acc_t x = static_cast<acc_t>(bx[p] + dx) + off_x[p];
+        plan_sample(g, y, x, mk != nullptr ? mk[p] : acc_t(1), plan, r, p);
       }
     }
   }
 }
 
-// Calls f(c, len, gr) for the runs of offset group o's channels that lie in one conv group gr
-// (offset groups and conv groups split the channels independently).
-template <typename F>
-inline void for_runs(const Geometry& g, int64_t o, const F& f) {
-  int64_t c = o * g.C_og;
-  const int64_t end = c + g.C_og;
-  while (c < end) {
-    const int64_t gr = c / g.C_in_g;
-    const int64_t e = std::min(end, (gr + 1) * g.C_in_g);
-    f(c, e - c, gr);
-    c = e;
+// A run of channels [c, c + len) of one offset group that lies in one conv group: the channels
+// a sample's vector loads cover in one piece. `col` is its first channel's panel column at tap
+// 0; tap k's is col + k * C_in_g. Offset groups and conv groups split the channels
+// independently, so an offset group has one run or more.
+struct Run {
+  int64_t c, len, col;
+};
+
+std::vector<std::vector<Run>> channel_runs(const Geometry& g) {
+  std::vector<std::vector<Run>> runs(g.OG);
+  for (int64_t o = 0; o < g.OG; ++o) {
+    for (int64_t c = o * g.C_og, end = c + g.C_og; c < end;) {
+      const int64_t gr = c / g.C_in_g;
+      const int64_t e = std::min(end, (gr + 1) * g.C_in_g);
+      runs[o].push_back({c, e - c, gr * g.K * g.C_in_g + (c - gr * g.C_in_g)});
+      c = e;
+    }
   }
+  return runs;
 }
 
-// Column of channel c (in conv group gr), tap k within a panel row.
-inline int64_t panel_col(const Geometry& g, int64_t gr, int64_t k, int64_t c) {
-  return gr * g.K * g.C_in_g + k * g.C_in_g + (c - gr * g.C_in_g);
-}
-
-// The four neighbour rows of a sample at channel c; `zeros` (>= C elements) for those outside.
+// The four neighbour rows of sample p of plan row r, at channel c; `zeros` (>= C elements) for
+// those outside.
 template <typename scalar_t, typename acc_t>
-inline void neighbours(const scalar_t* img, int64_t C, const Sample<acc_t>& s, int64_t c, const scalar_t* zeros, const scalar_t* (&src)[4]) {
+inline void neighbours(
+    const scalar_t* img,
+    int64_t C,
+    const Plan<acc_t>& plan,
+    int64_t r,
+    int64_t p,
+    int64_t c,
+    const scalar_t* zeros,
+    const scalar_t* (&src)[4]) {
   for (int t = 0; t < 4; ++t) {
-    src[t] = s.idx[t] >= 0 ? img + s.idx[t] * C + c : zeros;
+    const int32_t i = plan.idx(t, r)[p];
+    src[t] = i >= 0 ? img + static_cast<int64_t>(i) * C + c : zeros;
   }
 }
 
-// dst[0, len) = the sample's value at channels [c, c + len): four weighted C-vectors.
-template <typename scalar_t, typename panel_t>
+// dst[0, len) = sample p of plan row r at channels [c, c + len): four weighted C-vectors.
+// Reduced types go two vectors at a time, so a store converts a whole reduced vector.
+template <typename scalar_t>
 inline void gather_run(
     const scalar_t* img,
     int64_t C,
-    const Sample<opmath_t<scalar_t>>& s,
+    const Plan<opmath_t<scalar_t>>& plan,
+    int64_t r,
+    int64_t p,
     int64_t c,
     int64_t len,
     const scalar_t* zeros,
-    panel_t* dst) {
+    scalar_t* dst) {
   using Vec = OpVec<scalar_t>;
   constexpr int64_t V = Vec::size();
-  if (!s.inside) {
-    std::fill_n(dst, len, panel_t(0));
+  if (!plan.inside(r)[p]) {
+    std::fill_n(dst, len, scalar_t(0));
     return;
   }
   const scalar_t* src[4];
-  neighbours(img, C, s, c, zeros, src);
-  const Vec w0(s.w[0]), w1(s.w[1]), w2(s.w[2]), w3(s.w[3]);
-  for (int64_t j = 0; j < len; j += V) {
+  neighbours(img, C, plan, r, p, c, zeros, src);
+  const Vec w[4] = {Vec(plan.val(0, r)[p]), Vec(plan.val(1, r)[p]), Vec(plan.val(2, r)[p]), Vec(plan.val(3, r)[p])};
+  int64_t j = 0;
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    for (; j + 2 * V <= len; j += 2 * V) {
+      Vec a, b, x, y;
+      at::vec::load_to_float(src[0] + j, a, b);
+      a = a * w[0];
+      b = b * w[0];
+      for (int t = 1; t < 4; ++t) {
+        at::vec::load_to_float(src[t] + j, x, y);
+        a = at::vec::fmadd(x, w[t], a);
+        b = at::vec::fmadd(y, w[t], b);
+      }
+      at::vec::convert_from_float<scalar_t>(a, b).store(dst + j);
+    }
+  }
+  for (; j < len; j += V) {
     const int64_t m = std::min(V, len - j);
-    Vec v = load_opmath(src[0] + j, m) * w0;
-    v = at::vec::fmadd(load_opmath(src[1] + j, m), w1, v);
-    v = at::vec::fmadd(load_opmath(src[2] + j, m), w2, v);
-    v = at::vec::fmadd(load_opmath(src[3] + j, m), w3, v);
+    Vec v = load_opmath(src[0] + j, m) * w[0];
+    for (int t = 1; t < 4; ++t) {
+      v = at::vec::fmadd(load_opmath(src[t] + j, m), w[t], v);
+    }
     store_opmath(dst + j, v, m);
   }
 }
 
-// Fills panel rows [0, np) (row stride g.cols()) from the plan.
-template <typename scalar_t, typename panel_t>
+// Fills panel rows [0, np) (row stride g.cols()) from the plan, tap by tap: consecutive pixels'
+// samples of one tap are neighbours, so their input rows are reused from cache.
+template <typename scalar_t>
 void gather_panel(
     const Geometry& g,
+    const std::vector<std::vector<Run>>& runs,
     const scalar_t* img,
-    const Sample<opmath_t<scalar_t>>* plan,
+    const Plan<opmath_t<scalar_t>>& plan,
     int64_t np,
-    int64_t P,
     const scalar_t* zeros,
-    panel_t* panel) {
-  for (int64_t p = 0; p < np; ++p) {
-    panel_t* row = panel + p * g.cols();
-    for (int64_t o = 0; o < g.OG; ++o) {
-      for (int64_t k = 0; k < g.K; ++k) {
-        const auto& s = plan[(o * g.K + k) * P + p];
-        for_runs(g, o, [&](int64_t c, int64_t len, int64_t gr) {
-          gather_run(img, g.C, s, c, len, zeros, row + panel_col(g, gr, k, c));
-        });
+    scalar_t* panel) {
+  for (int64_t o = 0; o < g.OG; ++o) {
+    for (int64_t k = 0; k < g.K; ++k) {
+      const int64_t r = o * g.K + k;
+      for (const Run& run : runs[o]) {
+        scalar_t* dst = panel + run.col + k * g.C_in_g;
+        for (int64_t p = 0; p < np; ++p) {
+          gather_run(img, g.C, plan, r, p, run.c, run.len, zeros, dst + p * g.cols());
+        }
       }
     }
   }
@@ -412,17 +534,19 @@ void forward_kernel(
   const acc_t* off_p = offset.const_data_ptr<acc_t>();
   const acc_t* mask_p = g.use_mask ? mask.const_data_ptr<acc_t>() : nullptr;
   const std::vector<scalar_t> zeros(g.C, scalar_t(0));
+  const auto runs = channel_runs(g);
   // at::parallel_for does not carry the caller's dispatch state (inference mode, the guard below
   // autograd) to its threads; the ATen calls inside need it.
   const at::ThreadLocalState caller;
   at::parallel_for(0, g.N * tiles, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard same_state(caller);
-    std::vector<Sample<acc_t>> plan(g.OG * g.K * P);
+    Plan<acc_t> plan(g.OG * g.K, P);
+    std::vector<int32_t> base(2 * P);
     at::Tensor panel = at::empty({P, g.cols()}, in.options().memory_format(at::MemoryFormat::Contiguous));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / tiles, p0 = (t % tiles) * P, np = std::min(P, g.OHW - p0);
-      build_plan(g, off_p, mask_p, n, p0, np, P, plan.data());
-      gather_panel(g, in_p + n * g.H * g.W * g.C, plan.data(), np, P, zeros.data(), panel.mutable_data_ptr<scalar_t>());
+      build_plan(g, off_p, mask_p, n, p0, np, base.data(), plan);
+      gather_panel(g, runs, in_p + n * g.H * g.W * g.C, plan, np, zeros.data(), panel.mutable_data_ptr<scalar_t>());
       for (int64_t gr = 0; gr < g.G; ++gr) {
         const at::Tensor cols = panel.narrow(0, 0, np).narrow(1, gr * g.K * g.C_in_g, g.K * g.C_in_g);
         const at::Tensor b = bias.narrow(0, gr * g.C_out_g, g.C_out_g);
@@ -485,14 +609,17 @@ at::Tensor forward(
   return out;
 }
 
-// The backward's pass over one sample at channels [c, c + len) (NOTE [ deform_conv2d design ]):
-// writes the sample to `cols`, adds <dcol, v_t> to dots[t], scatters dcol * w_t into `gimg`.
+// The backward's pass over sample p of plan row r at channels [c, c + len) (NOTE [ deform_conv2d
+// design ]): writes the sample to `cols`, adds <dcol, v_t> to dots[t], scatters dcol * w_t into
+// `gimg`.
 template <typename scalar_t>
 inline void backward_run(
     const scalar_t* img,
     opmath_t<scalar_t>* gimg,
     int64_t C,
-    const Sample<opmath_t<scalar_t>>& s,
+    const Plan<opmath_t<scalar_t>>& plan,
+    int64_t r,
+    int64_t p,
     int64_t c,
     int64_t len,
     const scalar_t* zeros,
@@ -502,17 +629,18 @@ inline void backward_run(
   using acc_t = opmath_t<scalar_t>;
   using Vec = OpVec<scalar_t>;
   constexpr int64_t V = Vec::size();
-  if (!s.inside) {
+  if (!plan.inside(r)[p]) {
     std::fill_n(cols, len, acc_t(0));
     return;
   }
   const scalar_t* src[4];
-  neighbours(img, C, s, c, zeros, src);
+  neighbours(img, C, plan, r, p, c, zeros, src);
   acc_t* dst[4];
   for (int t = 0; t < 4; ++t) {
-    dst[t] = s.idx[t] >= 0 ? gimg + s.idx[t] * C + c : nullptr;
+    const int32_t i = plan.idx(t, r)[p];
+    dst[t] = i >= 0 ? gimg + static_cast<int64_t>(i) * C + c : nullptr;
   }
-  const Vec w[4] = {Vec(s.w[0]), Vec(s.w[1]), Vec(s.w[2]), Vec(s.w[3])};
+  const Vec w[4] = {Vec(plan.val(0, r)[p]), Vec(plan.val(1, r)[p]), Vec(plan.val(2, r)[p]), Vec(plan.val(3, r)[p])};
   for (int64_t j = 0; j < len; j += V) {
     const int64_t m = std::min(V, len - j);
     const Vec d = Vec::loadu(dcol + j, m);
@@ -557,11 +685,13 @@ void backward_kernel(
   acc_t* goff_p = goff.mutable_data_ptr<acc_t>();
   acc_t* gmask_p = g.use_mask ? gmask.mutable_data_ptr<acc_t>() : nullptr;
   const std::vector<scalar_t> zeros(g.C, scalar_t(0));
+  const auto runs = channel_runs(g);
   const auto opts = go.options().memory_format(at::MemoryFormat::Contiguous);
   const at::ThreadLocalState caller;  // as in forward_kernel
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     at::ThreadLocalStateGuard same_state(caller);
-    std::vector<Sample<acc_t>> plan(g.OG * g.K * P);
+    Plan<acc_t> plan(g.OG * g.K, P);
+    std::vector<int32_t> base(2 * P);
     at::Tensor dcol = at::empty({P, g.cols()}, opts);
     at::Tensor cols = at::empty({P, g.cols()}, opts);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -572,7 +702,7 @@ void backward_kernel(
         acc_t* gimg = gin_p + task * g.H * g.W * g.C;
         for (int64_t tile = seg * tiles / S; tile < (seg + 1) * tiles / S; ++tile) {
           const int64_t p0 = tile * P, np = std::min(P, g.OHW - p0);
-          build_plan(g, off_p, mask_p, n, p0, np, P, plan.data());
+          build_plan(g, off_p, mask_p, n, p0, np, base.data(), plan);
           for (int64_t gr = 0; gr < g.G; ++gr) {
             at::Tensor d = dcol.narrow(0, 0, np).narrow(1, gr * g.K * g.C_in_g, g.K * g.C_in_g);
             const at::Tensor gb = pixel_block(go, go_cl, n, p0, np, gr * g.C_out_g, g.C_out_g);
@@ -580,15 +710,18 @@ void backward_kernel(
           }
           const acc_t* dcol_p = dcol.const_data_ptr<acc_t>();
           acc_t* cols_p = cols.mutable_data_ptr<acc_t>();
-          for (int64_t p = 0; p < np; ++p) {
-            for (int64_t o = 0; o < g.OG; ++o) {
-              for (int64_t k = 0; k < g.K; ++k) {
-                const auto& s = plan[(o * g.K + k) * P + p];
+          for (int64_t o = 0; o < g.OG; ++o) {
+            for (int64_t k = 0; k < g.K; ++k) {
+              const int64_t r = o * g.K + k;
+              acc_t* go_y = goff_p + ((n * g.OG + o) * 2 * g.K + 2 * k) * g.OHW + p0;
+              acc_t* go_x = go_y + g.OHW;
+              acc_t* gm_p = g.use_mask ? gmask_p + ((n * g.OG + o) * g.K + k) * g.OHW + p0 : nullptr;
+              for (int64_t p = 0; p < np; ++p) {
                 Vec dots[4] = {Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0))};
-                for_runs(g, o, [&](int64_t c, int64_t len, int64_t gr) {
-                  const int64_t col = p * g.cols() + panel_col(g, gr, k, c);
-                  backward_run(img, gimg, g.C, s, c, len, zeros.data(), dcol_p + col, cols_p + col, dots);
-                });
+                for (const Run& run : runs[o]) {
+                  const int64_t col = p * g.cols() + run.col + k * g.C_in_g;
+                  backward_run(img, gimg, g.C, plan, r, p, run.c, run.len, zeros.data(), dcol_p + col, cols_p + col, dots);
+                }
                 acc_t a[4];
                 for (int t = 0; t < 4; ++t) {
                   acc_t buf[V];
@@ -598,20 +731,19 @@ void backward_kernel(
                     a[t] += buf[l];
                   }
                 }
-                const int64_t q = p0 + p;
                 acc_t gy = 0, gx = 0, gm = 0;
-                if (s.inside) {
+                if (plan.inside(r)[p]) {
                   // d/dy and d/dx of the bilinear sample, from the neighbours' dot products.
-                  gy = s.m * ((acc_t(1) - s.lx) * (a[2] - a[0]) + s.lx * (a[3] - a[1]));
-                  gx = s.m * ((acc_t(1) - s.ly) * (a[1] - a[0]) + s.ly * (a[3] - a[2]));
-                  const acc_t hy = acc_t(1) - s.ly, hx = acc_t(1) - s.lx;
-                  gm = hy * hx * a[0] + hy * s.lx * a[1] + s.ly * hx * a[2] + s.ly * s.lx * a[3];
+                  const acc_t ly = plan.val(4, r)[p], lx = plan.val(5, r)[p], m = plan.val(6, r)[p];
+                  const acc_t hy = acc_t(1) - ly, hx = acc_t(1) - lx;
+                  gy = m * (hx * (a[2] - a[0]) + lx * (a[3] - a[1]));
+                  gx = m * (hy * (a[1] - a[0]) + ly * (a[3] - a[2]));
+                  gm = hy * hx * a[0] + hy * lx * a[1] + ly * hx * a[2] + ly * lx * a[3];
                 }
-                acc_t* go_y = goff_p + ((n * g.OG + o) * 2 * g.K + 2 * k) * g.OHW;
-                go_y[q] = gy;
-                go_y[g.OHW + q] = gx;
-                if (g.use_mask) {
-                  gmask_p[((n * g.OG + o) * g.K + k) * g.OHW + q] = gm;
+                go_y[p] = gy;
+                go_x[p] = gx;
+                if (gm_p != nullptr) {
+                  gm_p[p] = gm;
                 }
               }
             }
