@@ -75,11 +75,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -517,6 +519,30 @@ at::Tensor pixel_block(const at::Tensor& t, bool cl, int64_t n, int64_t p0, int6
   return t.select(0, n).view({C, HW}).narrow(0, c0, nc).narrow(1, p0, np);
 }
 
+// float32 tile GEMMs: oneDNN's batch-reduce GEMM ukernel through ATen (cpublas::brgemm), on
+// blocks of 64 output channels x 576 panel columns (the weight block, 144 KiB, stays in L2).
+// MKL's sgemm (at::addmm) is the fallback ATen takes by itself where the ukernel is not
+// available. c[np, n] (row stride ldc) += a[np, kc] (row stride lda) x b[kc, n] (row stride n).
+constexpr int64_t kGemmBlockN = 64, kGemmBlockK = 576;
+
+inline bool use_brgemm() {
+  static const bool aten = [] {
+    const char* env = std::getenv("TORCHVISION_CPU_EXT_DEFORM_GEMM");
+    return env != nullptr && std::string(env) == "aten";
+  }();
+  return !aten;
+}
+
+void tile_gemm_f32(int64_t np, int64_t n, int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc) {
+  for (int64_t n0 = 0; n0 < n; n0 += kGemmBlockN) {
+    for (int64_t k0 = 0; k0 < kc; k0 += kGemmBlockK) {
+      at::native::cpublas::brgemm(
+          np, std::min(kGemmBlockN, n - n0), std::min(kGemmBlockK, kc - k0), lda, n, ldc, true, a + k0,
+          b + k0 * n + n0, c + n0, false);
+    }
+  }
+}
+
 template <typename scalar_t>
 void forward_kernel(
     const Geometry& g,
@@ -535,6 +561,11 @@ void forward_kernel(
   const acc_t* mask_p = g.use_mask ? mask.const_data_ptr<acc_t>() : nullptr;
   const std::vector<scalar_t> zeros(g.C, scalar_t(0));
   const auto runs = channel_runs(g);
+  const int64_t kc = g.K * g.C_in_g;
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  const bool brgemm = kFloat && use_brgemm();
+  // brgemm's B: the weight as [G, K * C_in_g, C_out_g].
+  const at::Tensor wk_t = brgemm ? wk.transpose(1, 2).contiguous() : at::Tensor();
   // at::parallel_for does not carry the caller's dispatch state (inference mode, the guard below
   // autograd) to its threads; the ATen calls inside need it.
   const at::ThreadLocalState caller;
@@ -543,12 +574,36 @@ void forward_kernel(
     Plan<acc_t> plan(g.OG * g.K, P);
     std::vector<int32_t> base(2 * P);
     at::Tensor panel = at::empty({P, g.cols()}, in.options().memory_format(at::MemoryFormat::Contiguous));
+    // NCHW output of the brgemm path: the tile's [np, C_out_g] before its transpose.
+    std::vector<float> scratch(brgemm && !cl ? P * g.C_out_g : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / tiles, p0 = (t % tiles) * P, np = std::min(P, g.OHW - p0);
       build_plan(g, off_p, mask_p, n, p0, np, base.data(), plan);
       gather_panel(g, runs, in_p + n * g.H * g.W * g.C, plan, np, zeros.data(), panel.mutable_data_ptr<scalar_t>());
       for (int64_t gr = 0; gr < g.G; ++gr) {
-        const at::Tensor cols = panel.narrow(0, 0, np).narrow(1, gr * g.K * g.C_in_g, g.K * g.C_in_g);
+        if constexpr (kFloat) {
+          if (brgemm) {
+            const float* b = bias.const_data_ptr<float>() + gr * g.C_out_g;
+            float* c = cl ? out.mutable_data_ptr<float>() + (n * g.OHW + p0) * g.C_out + gr * g.C_out_g : scratch.data();
+            const int64_t ldc = cl ? g.C_out : g.C_out_g;
+            for (int64_t p = 0; p < np; ++p) {
+              std::copy_n(b, g.C_out_g, c + p * ldc);
+            }
+            tile_gemm_f32(
+                np, g.C_out_g, kc, panel.const_data_ptr<float>() + gr * kc, g.cols(),
+                wk_t.const_data_ptr<float>() + gr * kc * g.C_out_g, c, ldc);
+            if (!cl) {
+              float* o = out.mutable_data_ptr<float>() + (n * g.C_out + gr * g.C_out_g) * g.OHW + p0;
+              for (int64_t co = 0; co < g.C_out_g; ++co) {
+                for (int64_t p = 0; p < np; ++p) {
+                  o[co * g.OHW + p] = scratch[p * g.C_out_g + co];
+                }
+              }
+            }
+            continue;
+          }
+        }
+        const at::Tensor cols = panel.narrow(0, 0, np).narrow(1, gr * kc, kc);
         const at::Tensor b = bias.narrow(0, gr * g.C_out_g, g.C_out_g);
         at::Tensor o = pixel_block(out, cl, n, p0, np, gr * g.C_out_g, g.C_out_g);
         if (cl) {
