@@ -5,23 +5,30 @@
 // NOTE [ deform_conv2d design ]
 // A deformable convolution is an im2col convolution whose columns are bilinear samples. The
 // kernel is built from four parts, each used by the forward and the backward:
-// - Sampling plan (build_plan): for one image and a tile of P consecutive output pixels, per
-//   (offset group, tap, pixel) one Sample: the four neighbours' pixel indices (-1 outside the
-//   image) and their bilinear weights with the mask folded in. Everything that depends on the
-//   offsets is computed here once and reused by every input channel of the offset group
-//   (torchvision recomputes it per channel).
-// - Panel (gather_run): the tile's columns, [P, groups, taps, C_in / groups] row-major, i.e.
-//   one row per output pixel and, per conv group, a contiguous block of K * C_in/groups
-//   columns: a GEMM operand as it is. It is filled from a pixel-major (channels_last) input with
-//   vector loads across channels: each sample is four weighted C-vectors. Its size is bounded
-//   (tile_pixels: about a quarter of the weight's, at least 1 MiB, per thread), so the full
-//   columns tensor (C * K * OH * OW per image, growing with the batch in torchvision) never
-//   exists.
-// - GEMM: ATen's matmul (at::addmm_out / at::mm_out, MKL or oneDNN underneath) on the panel,
-//   writing straight into the output tile: in channels_last the tile is [P, C_out] (panel x
-//   weight^T); in NCHW it is [C_out, P] (weight x panel^T) with the row stride of a plane, so
-//   NCHW output needs no conversion. The weight is reordered once per call to [groups,
-//   C_out/groups, K * C_in/groups] to match the panel's columns.
+// - Sampling plan (Plan, build_plan): for one image and a tile of P consecutive output pixels,
+//   per (offset group, tap, pixel) one sample: the four neighbours' pixel indices (-1 outside
+//   the image) and their bilinear weights with the mask folded in, as a structure of arrays
+//   built a vector of pixels at a time. Everything that depends on the offsets is computed
+//   here once and reused by every input channel of the offset group (torchvision recomputes it
+//   per channel).
+// - Panel (gather_panel, gather_run): the tile's columns, [P, groups, taps, C_in / groups]
+//   row-major, i.e. one row per output pixel and, per conv group, a contiguous block of
+//   K * C_in/groups columns: a GEMM operand as it is. It is filled tap by tap (consecutive
+//   pixels' samples of a tap are neighbours, so input rows come from cache) from a pixel-major
+//   (channels_last) input with vector loads across channels: each sample is four weighted
+//   C-vectors over a channel run (Run: the channels of an offset group within one conv group).
+//   Its size is bounded (tile_pixels: about a quarter of the weight's, at least 1 MiB, per
+//   thread), so the full columns tensor (C * K * OH * OW per image, growing with the batch in
+//   torchvision) never exists.
+// - GEMM on the panel. float32 (tile_gemm_f32): oneDNN's batch-reduce GEMM ukernel through
+//   ATen's cpublas::brgemm, on weight blocks that stay in L2, writing a channels_last output
+//   tile in place ([P, C_out] = panel x weight^T, bias first) and an NCHW tile through a
+//   per-thread [P, C_out] scratch and a transpose. ATen falls back to MKL's sgemm where the
+//   ukernel is missing; on AVX-512 without AMX the ukernel beats MKL's sgemm on these shapes
+//   (benchmarks/RESULTS.md). Other dtypes: ATen's matmul (at::addmm_out: oneDNN for
+//   bfloat16/half, MKL for float64) writing straight into the output tile, [P, C_out] in
+//   channels_last and [C_out, P] with a plane's row stride in NCHW. The weight is reordered
+//   once per call to match the panel's columns.
 // - Layout: the gathers want pixel-major input, so an NCHW input is converted to channels_last
 //   once per call (one pass over the input, small next to the GEMM); outputs and input
 //   gradients come back in the input's memory format.
@@ -533,11 +540,21 @@ inline bool use_brgemm() {
   return !aten;
 }
 
-void tile_gemm_f32(int64_t np, int64_t n, int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc) {
+// `add`: c += a x b; else c = a x b.
+void tile_gemm_f32(
+    int64_t np,
+    int64_t n,
+    int64_t kc,
+    const float* a,
+    int64_t lda,
+    const float* b,
+    float* c,
+    int64_t ldc,
+    bool add) {
   for (int64_t n0 = 0; n0 < n; n0 += kGemmBlockN) {
     for (int64_t k0 = 0; k0 < kc; k0 += kGemmBlockK) {
       at::native::cpublas::brgemm(
-          np, std::min(kGemmBlockN, n - n0), std::min(kGemmBlockK, kc - k0), lda, n, ldc, true, a + k0,
+          np, std::min(kGemmBlockN, n - n0), std::min(kGemmBlockK, kc - k0), lda, n, ldc, add || k0 > 0, a + k0,
           b + k0 * n + n0, c + n0, false);
     }
   }
@@ -591,7 +608,7 @@ void forward_kernel(
             }
             tile_gemm_f32(
                 np, g.C_out_g, kc, panel.const_data_ptr<float>() + gr * kc, g.cols(),
-                wk_t.const_data_ptr<float>() + gr * kc * g.C_out_g, c, ldc);
+                wk_t.const_data_ptr<float>() + gr * kc * g.C_out_g, c, ldc, true);
             if (!cl) {
               float* o = out.mutable_data_ptr<float>() + (n * g.C_out + gr * g.C_out_g) * g.OHW + p0;
               for (int64_t co = 0; co < g.C_out_g; ++co) {
@@ -729,6 +746,8 @@ void backward_kernel(
   using acc_t = opmath_t<scalar_t>;
   using Vec = OpVec<scalar_t>;
   constexpr int64_t V = Vec::size();
+  // dCol through tile_gemm_f32 (float opmath: float, bfloat16, half).
+  const bool brgemm = std::is_same_v<acc_t, float> && go_cl && use_brgemm();
   // Two opmath panels (dCol and the samples).
   const int64_t P = tile_pixels(g, 2 * g.cols() * static_cast<int64_t>(sizeof(acc_t)), wk.nbytes());
   const int64_t tiles = (g.OHW + P - 1) / P;
@@ -759,7 +778,18 @@ void backward_kernel(
           const int64_t p0 = tile * P, np = std::min(P, g.OHW - p0);
           build_plan(g, off_p, mask_p, n, p0, np, base.data(), plan);
           for (int64_t gr = 0; gr < g.G; ++gr) {
-            at::Tensor d = dcol.narrow(0, 0, np).narrow(1, gr * g.K * g.C_in_g, g.K * g.C_in_g);
+            const int64_t kc = g.K * g.C_in_g;
+            if constexpr (std::is_same_v<acc_t, float>) {
+              if (brgemm) {
+                // grad_output is channels_last here (see backward).
+                tile_gemm_f32(
+                    np, kc, g.C_out_g, go.const_data_ptr<float>() + (n * g.OHW + p0) * g.C_out + gr * g.C_out_g,
+                    g.C_out, wk.const_data_ptr<float>() + gr * g.C_out_g * kc, dcol.mutable_data_ptr<float>() + gr * kc,
+                    g.cols(), false);
+                continue;
+              }
+            }
+            at::Tensor d = dcol.narrow(0, 0, np).narrow(1, gr * kc, kc);
             const at::Tensor gb = pixel_block(go, go_cl, n, p0, np, gr * g.C_out_g, g.C_out_g);
             at::mm_out(d, go_cl ? gb : gb.t(), wk[gr]);
           }
@@ -853,7 +883,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     return {at::zeros_like(input, fmt), at::zeros_like(weight), at::zeros_like(offset), at::zeros_like(mask), grad_bias};
   }
   const at::Tensor in = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor go = grad.to(acc).contiguous(grad_fmt);
+  // The float brgemm path reads grad_output's tiles as rows: channels_last.
+  const bool brgemm = acc == at::kFloat && use_brgemm();
+  const auto go_fmt = brgemm ? at::MemoryFormat::ChannelsLast : grad_fmt;
+  const at::Tensor go = grad.to(acc).contiguous(go_fmt);
   const at::Tensor off = offset.to(acc).contiguous();
   const at::Tensor msk = use_mask ? mask.to(acc).contiguous() : at::Tensor();
   const at::Tensor wk = weight_as_panel_cols(g, weight, acc);
@@ -868,7 +901,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor gw_parts = at::zeros({chunks, g.G, g.C_out_g, g.K * g.C_in_g}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "deform_conv2d_backward", [&] {
     backward_kernel<scalar_t>(
-        g, in, go, grad_fmt == at::MemoryFormat::ChannelsLast, off, msk, wk, gin, S, goff, gmask, gw_parts);
+        g, in, go, go_fmt == at::MemoryFormat::ChannelsLast, off, msk, wk, gin, S, goff, gmask, gw_parts);
   });
   // [N, H, W, C] -> [N, C, H, W] as a channels_last-strided view, then the input's dtype and layout.
   at::Tensor gin_sum = S == 1 ? gin : gin.view({g.N, S, g.H, g.W, g.C}).sum(1);
