@@ -493,6 +493,13 @@ void gather_panel(
   }
 }
 
+// Threads worth using: one for a call of less than about 2^20 multiply-adds (the GEMM's and
+// the gathers'), where a parallel region would cost more than it saves.
+inline int64_t useful_threads(const Geometry& g) {
+  const int64_t per_pixel = g.K * g.C_in_g * g.C_out + 4 * g.K * g.C;
+  return g.N * g.OHW * per_pixel < (int64_t(1) << 20) ? 1 : at::get_num_threads();
+}
+
 // Output pixels per tile. A tile's GEMM streams the whole (reordered) weight, so tiles grow
 // with the weight: panel rows of max(1 MiB, weight / 4) (a panel of a quarter of the weight's
 // size keeps that traffic below the panel's own), at least 64 rows (MKL's small-M products are
@@ -510,7 +517,7 @@ int64_t tile_pixels(const Geometry& g, int64_t row_bytes, int64_t weight_bytes) 
   constexpr int64_t kMinPixels = 64, kMaxPixels = 512;
   const int64_t budget = std::max(kMinPanelBytes, weight_bytes / 4);
   int64_t P = std::clamp(budget / std::max<int64_t>(row_bytes, 1), kMinPixels, kMaxPixels);
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = useful_threads(g);
   const int64_t tiles_per_image = (4 * threads + g.N - 1) / g.N;
   P = std::min(P, std::max<int64_t>(8, (g.OHW + tiles_per_image - 1) / tiles_per_image));
   return std::max<int64_t>(1, std::min(P, g.OHW));
@@ -560,6 +567,21 @@ void tile_gemm_f32(
   }
 }
 
+// dst[c * ld_dst + p] = src[p * cols + c], in 16 x 16 blocks that stay in L1.
+inline void transpose_block(int64_t rows, int64_t cols, const float* src, float* dst, int64_t ld_dst) {
+  constexpr int64_t B = 16;
+  for (int64_t c0 = 0; c0 < cols; c0 += B) {
+    for (int64_t p0 = 0; p0 < rows; p0 += B) {
+      const int64_t c1 = std::min(cols, c0 + B), p1 = std::min(rows, p0 + B);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t p = p0; p < p1; ++p) {
+          dst[c * ld_dst + p] = src[p * cols + c];
+        }
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 void forward_kernel(
     const Geometry& g,
@@ -586,7 +608,7 @@ void forward_kernel(
   // at::parallel_for does not carry the caller's dispatch state (inference mode, the guard below
   // autograd) to its threads; the ATen calls inside need it.
   const at::ThreadLocalState caller;
-  at::parallel_for(0, g.N * tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.N * tiles, useful_threads(g) > 1 ? 1 : g.N * tiles, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard same_state(caller);
     Plan<acc_t> plan(g.OG * g.K, P);
     std::vector<int32_t> base(2 * P);
@@ -610,12 +632,9 @@ void forward_kernel(
                 np, g.C_out_g, kc, panel.const_data_ptr<float>() + gr * kc, g.cols(),
                 wk_t.const_data_ptr<float>() + gr * kc * g.C_out_g, c, ldc, true);
             if (!cl) {
-              float* o = out.mutable_data_ptr<float>() + (n * g.C_out + gr * g.C_out_g) * g.OHW + p0;
-              for (int64_t co = 0; co < g.C_out_g; ++co) {
-                for (int64_t p = 0; p < np; ++p) {
-                  o[co * g.OHW + p] = scratch[p * g.C_out_g + co];
-                }
-              }
+              transpose_block(
+                  np, g.C_out_g, scratch.data(), out.mutable_data_ptr<float>() + (n * g.C_out + gr * g.C_out_g) * g.OHW + p0,
+                  g.OHW);
             }
             continue;
           }
@@ -891,7 +910,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const at::Tensor msk = use_mask ? mask.to(acc).contiguous() : at::Tensor();
   const at::Tensor wk = weight_as_panel_cols(g, weight, acc);
   // Segments per image: enough tasks for the threads when there are fewer images.
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = useful_threads(g);
   const int64_t S = std::min<int64_t>(std::max<int64_t>(1, (threads + g.N - 1) / g.N), (g.OHW + 7) / 8);
   const int64_t chunks = std::min(threads, g.N * S);
   const auto opts = input.options().dtype(acc);
