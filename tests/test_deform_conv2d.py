@@ -19,6 +19,7 @@ from reference import deform_conv2d as ref_deform_conv2d
 from torchvision.ops import deform_conv2d
 
 import torchvision_cpu_ext
+from torchvision_cpu_ext import _debug
 
 F32 = torch.float32
 
@@ -38,8 +39,14 @@ TOL = {
     torch.bfloat16: 2e-2,
     torch.float16: 3e-3,
 }
-# The tile size env var the kernel reads at each call (tile_pixels), in output pixels.
-TILE_ENV = "TORCHVISION_CPU_EXT_DEFORM_TILE"
+
+
+@pytest.fixture(autouse=True)
+def parallel_small_calls():
+    """The maps here are small: left alone, the kernel would run every call on one thread
+    (useful_threads); threads=2 tests are meant to take the parallel tiles and segments."""
+    with _debug.thresholds(deform_serial_work=0):
+        yield
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,15 +482,51 @@ class TestDeformConv2d(OpTester):
     @pytest.mark.parametrize("tile", [1, 3, 7])
     @pytest.mark.parametrize("layout", LAYOUTS)
     @pytest.mark.parametrize("name", ["dcnv2", "groups", "offset_groups"])
-    def test_small_tiles(self, name, layout, tile, threads, monkeypatch):
+    def test_small_tiles(self, name, layout, tile, threads):
         """Tiles of a few pixels (crossing output rows, a last partial tile, many per thread; the
         backward's segments of an image's tiles) give the same results."""
-        monkeypatch.setenv(TILE_ENV, str(tile))
         case = CASES[name]
         args = make_case(case, torch.float64, layout)
-        close(run(case, *args), expected(case, *args), torch.float64)
         grad = _seeded_grad(case)
-        for a, b in zip(_grads(case, run, *args, grad), _grads(case, expected, *args, grad), strict=True):
+        with _debug.thresholds(deform_tile_pixels=tile):
+            close(run(case, *args), expected(case, *args), torch.float64)
+            ours = _grads(case, run, *args, grad)
+        for a, b in zip(ours, _grads(case, expected, *args, grad), strict=True):
+            close(a, b, torch.float64)
+
+    @pytest.mark.parametrize("brgemm", [0, 1], ids=["aten_matmul", "brgemm"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("layout", LAYOUTS)
+    @pytest.mark.parametrize("name", ["dcnv2", "groups", "gemm_blocks"])
+    def test_gemm_paths(self, name, layout, dtype, brgemm, threads):
+        """Both tile GEMMs (float-opmath ones through oneDNN's brgemm, or ATen's matmul), in tiles
+        of 5 pixels, forward and every gradient against the float64 reference. gemm_blocks has
+        more than one of tile_gemm_f32's blocks of output channels (64) and columns (576)."""
+        case = CASES.get(name) or Case(N=1, C=72, H=5, W=6, C_out=70, offset_groups=2)
+        args = make_case(case, dtype, layout)
+        grad = _seeded_grad(case)
+        with _debug.thresholds(deform_tile_pixels=5, deform_brgemm=brgemm):
+            out = run(case, *args)
+            ours = _grads(case, run, *args, grad)
+        close(out, expected(case, *args), dtype)
+        for a, b in zip(ours, _grads(case, expected, *args, grad), strict=True):
+            close(a, b, dtype)
+
+    def test_small_calls_run_on_one_thread_with_the_same_result(self):
+        """Below deform_serial_work a call takes one tile per image on the calling thread."""
+        case = CASES["offset_groups"]
+        args = make_case(case, torch.float64, "channels_last")
+        grad = _seeded_grad(case)
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            with _debug.thresholds(deform_serial_work=1 << 40):
+                serial, serial_grads = run(case, *args), _grads(case, run, *args, grad)
+            parallel, parallel_grads = run(case, *args), _grads(case, run, *args, grad)
+        finally:
+            torch.set_num_threads(before)
+        close(serial, parallel, torch.float64)
+        for a, b in zip(serial_grads, parallel_grads, strict=True):
             close(a, b, torch.float64)
 
     def test_forward_in_batches_equals_per_image(self, threads):

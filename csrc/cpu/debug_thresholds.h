@@ -1,7 +1,8 @@
 #pragma once
 // NOTE [ debug thresholds ]
 // The kernels choose between paths by size: streamed or cached stores, band heights, the
-// transposed or direct NCHW loop, the output pool, nms' radix sort and parallel suppression.
+// transposed or direct NCHW loop, the output pool, nms' radix sort and parallel suppression,
+// deform_conv2d's tiles, GEMM and threads.
 // Left alone, a test reaches the large-size paths only with maps of tens of MB. Each size
 // decision reads its threshold through threshold() below, which returns the kernel's own value
 // unless a test has overridden it: torchvision_cpu_ext._debug.thresholds(**overrides), through
@@ -37,13 +38,20 @@ enum Threshold : int {
   kNmsRadixMin,
   // nms: vector operations of a block's suppression from which it runs on several threads.
   kNmsParallelWork,
+  // deform_conv2d: output pixels per tile (tile_pixels).
+  kDeformTilePixels,
+  // deform_conv2d: float32 tile GEMMs through oneDNN's brgemm (1) or ATen's matmul (0).
+  kDeformBrgemm,
+  // deform_conv2d: multiply-adds of a call below which it runs on one thread.
+  kDeformSerialWork,
   kThresholdCount
 };
 
 inline constexpr const char* kNames[kThresholdCount] = {
     "stream_grad_bytes",   "grad_band_bytes",  "roi_pool_band_bytes",
     "roi_pool_stream_bytes", "ps_roi_pool_group_bytes", "nchw_transpose",
-    "output_pool_min_bytes", "nms_radix_min",  "nms_parallel_work"};
+    "output_pool_min_bytes", "nms_radix_min",  "nms_parallel_work", "deform_tile_pixels",
+    "deform_brgemm",         "deform_serial_work"};
 
 // Each knob holds its override + 1; 0 (static zero initialisation) means "not overridden".
 inline std::atomic<int64_t>* knobs() {

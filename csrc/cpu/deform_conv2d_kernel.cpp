@@ -74,6 +74,7 @@
 // with the other coordinate inside: the forward reads 0 there, so its gradient is 0, while
 // torchvision's offset gradient takes the one-sided derivative from inside the image (the
 // value of row 0, resp. column 0). Ours is 0 there.
+#include "debug_thresholds.h"
 #include "memory.h"
 #include "override.h"
 #include "vec_io.h"
@@ -497,21 +498,19 @@ void gather_panel(
 // the gathers'), where a parallel region would cost more than it saves.
 inline int64_t useful_threads(const Geometry& g) {
   const int64_t per_pixel = g.K * g.C_in_g * g.C_out + 4 * g.K * g.C;
-  return g.N * g.OHW * per_pixel < (int64_t(1) << 20) ? 1 : at::get_num_threads();
+  const int64_t serial = debug::threshold(debug::kDeformSerialWork, int64_t(1) << 20);
+  return g.N * g.OHW * per_pixel < serial ? 1 : at::get_num_threads();
 }
 
 // Output pixels per tile. A tile's GEMM streams the whole (reordered) weight, so tiles grow
 // with the weight: panel rows of max(1 MiB, weight / 4) (a panel of a quarter of the weight's
 // size keeps that traffic below the panel's own), at least 64 rows (MKL's small-M products are
 // slow) and at most 512; but no larger than gives about four tiles per thread, so that the
-// tile count does not leave threads idle. TORCHVISION_CPU_EXT_DEFORM_TILE (pixels) overrides
-// it, for tests (tiles of a few pixels on small inputs) and for measuring.
+// tile count does not leave threads idle. The debug threshold deform_tile_pixels overrides it,
+// for tests (tiles of a few pixels on small inputs) and for measuring.
 int64_t tile_pixels(const Geometry& g, int64_t row_bytes, int64_t weight_bytes) {
-  if (const char* env = std::getenv("TORCHVISION_CPU_EXT_DEFORM_TILE"); env != nullptr && *env != '\0') {
-    const long long v = std::atoll(env);
-    if (v > 0) {
-      return std::min<int64_t>(v, g.OHW);
-    }
+  if (const int64_t v = debug::threshold(debug::kDeformTilePixels, 0); v > 0) {
+    return std::min(v, g.OHW);
   }
   constexpr int64_t kMinPanelBytes = int64_t(1) << 20;
   constexpr int64_t kMinPixels = 64, kMaxPixels = 512;
@@ -539,12 +538,9 @@ at::Tensor pixel_block(const at::Tensor& t, bool cl, int64_t n, int64_t p0, int6
 // available. c[np, n] (row stride ldc) += a[np, kc] (row stride lda) x b[kc, n] (row stride n).
 constexpr int64_t kGemmBlockN = 64, kGemmBlockK = 576;
 
+// The debug threshold deform_brgemm = 0 keeps ATen's matmul, for comparison.
 inline bool use_brgemm() {
-  static const bool aten = [] {
-    const char* env = std::getenv("TORCHVISION_CPU_EXT_DEFORM_GEMM");
-    return env != nullptr && std::string(env) == "aten";
-  }();
-  return !aten;
+  return debug::threshold(debug::kDeformBrgemm, 1) != 0;
 }
 
 // `add`: c += a x b; else c = a x b.
