@@ -842,7 +842,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--no-memory",
         action="store_true",
-        help="skip deform_conv2d's peak-memory rows (a fresh process measuring case (b), ~2 min)",
+        help="skip deform_conv2d's peak-memory rows (a fresh process measuring case (b): 1-2 min here)",
     )
     ap.add_argument(
         "--line-floor",
