@@ -9,7 +9,9 @@ being the median of its rounds' medians (interleaved_seconds). The speedup colum
 against torchvision's fp32 NCHW kernel of the same case and direction. Writes JSON and a
 markdown table (with the machine's CPU, ISA, versions and measured limits) to --out. Every row
 also carries `bytes` and `flops` (the model is WORK_MODEL below), which benchmarks/report.py
-places on a roofline.
+places on a roofline. For deform_conv2d it also measures the extra peak memory of one call of
+case (b) (deform_memory; at 2 threads, and 1 for ours, whatever --threads; --no-memory skips it):
+ops.json's "memory", and a table after the timings.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -649,6 +652,114 @@ def _bench_deform_conv2d(a: argparse.Namespace, threads: int, min_time: float) -
     return bench_deform_conv2d(threads, min_time, [DEFORM_CASES[0], DEFORM_CASES[3]] if a.quick else None)
 
 
+# Peak memory (issue 18: a call's extra memory bounded by a constant, not by batch x columns):
+# case (b) only, forward and backward, torchvision's kernel and ours. One fresh process (under
+# peak_memory.MALLOC_ENV) measures every configuration of every case in turn, each call after a
+# warm-up call of the same configuration on a 16 x 16 map (lazy loading, thread pools: a
+# full-size warm-up read the same to within 1 MiB, and doubled the time). Blocks of 128 KiB and more
+# are unmapped on free in that process, and our output pool is emptied before each call, so an
+# earlier configuration leaves nothing large for a later one to reuse.
+DEFORM_MEMORY_CASES = [shape for shape, use_mask in DEFORM_CASES if use_mask and shape[1] >= 128]
+
+
+def deform_memory_worker(shapes, warmup_hw: int | None = 16) -> dict:
+    """In a MALLOC_ENV process: {"rows": the extra peak memory of each MEMORY_VARIANTS
+    configuration's forward and backward call on the DCNv2 layers `shapes`, "calibration":
+    peak_memory.calibration()}. Each call follows a warm-up call of its configuration on a
+    warmup_hw x warmup_hw map (None: the same shape)."""
+    from peak_memory import MEMORY_VARIANTS, calibration, extra_peak
+
+    rows = []
+    calib = calibration()
+    for shape in shapes:
+        rows += _deform_memory_case(tuple(shape), warmup_hw, MEMORY_VARIANTS, extra_peak)
+    return {"rows": rows, "calibration": calib}
+
+
+def _deform_call(direction: str, dtype: torch.dtype, fmt: torch.memory_format, inputs):
+    """A DCNv2 layer's forward or backward call on `inputs` (deform_inputs') in `dtype` and `fmt`."""
+    x32, w32, off32, mask32, b32 = inputs
+    x = x32.to(dtype).contiguous(memory_format=fmt)
+    w, off, m, b = (t.to(dtype) for t in (w32, off32, mask32, b32))
+    tv, args = torch.ops.torchvision, (1, 1, 1, 1, 1, 1, 1, 1, True)
+    if direction == "forward":
+        return lambda: tv.deform_conv2d(x, w, off, m, b, *args)
+    g = torch.randn(x.shape).to(dtype).contiguous(memory_format=fmt)
+    return lambda: tv._deform_conv2d_backward(g, x, w, off, m, b, *args)
+
+
+def _deform_memory_case(shape, warmup_hw, variants, extra_peak) -> list[dict]:
+    n, c, h, wd = shape
+    name = f"deform_conv2d {list(shape)} 3x3 DCNv2"
+    full = deform_inputs(shape, True)
+    small = deform_inputs((n, c, warmup_hw, warmup_hw), True) if warmup_hw else full
+    rows = []
+    for direction in ("forward", "backward"):
+        for impl, layout, dtype_name, threads in variants:
+            torch.set_num_threads(threads)
+            dtype = getattr(torch, dtype_name)
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            call = _deform_call(direction, dtype, fmt, full)
+            kernels = torchvision_cpu_ext.disabled() if impl == "torchvision" else contextlib.nullcontext()
+            with kernels, torch.inference_mode() if direction == "forward" else contextlib.nullcontext():
+                _deform_call(direction, dtype, fmt, small)()  # warm-up: lazy loading, thread pools, library state
+                t0 = time.perf_counter()
+                res = extra_peak(call, torchvision_cpu_ext.empty_cache)
+                seconds = time.perf_counter() - t0
+            del call
+            rows.append(
+                {
+                    "op": "deform_conv2d",
+                    "case": name,
+                    "direction": direction,
+                    "impl": impl,
+                    "layout": layout,
+                    "dtype": dtype_name,
+                    "threads": threads,
+                    **res,
+                    # torchvision's im2col buffer (all N images: its parallel_imgs is min(N, 32) here).
+                    "columns_bytes": c * 9 * h * wd * n * 4,
+                    "call_ms": seconds * 1e3,
+                }
+            )
+    return rows
+
+
+def deform_memory(cases=None, processes: int = 1, warmup_hw: int | None = 16) -> dict:
+    """deform_memory_worker of the cases (default DEFORM_MEMORY_CASES) in `processes` fresh
+    processes (cases split in turn): {"rows": [...], "calibration": [one per process], "note":
+    peak_memory.MEMORY_NOTE}."""
+    import subprocess
+
+    from peak_memory import MALLOC_ENV, MEMORY_NOTE, MIB
+
+    paths = [str(Path(torchvision_cpu_ext.__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+    rows, cals = [], []
+    cases = [tuple(s) for s in cases or DEFORM_MEMORY_CASES]
+    for part in [cases[i::processes] for i in range(processes) if cases[i::processes]]:
+        print(f"deform_conv2d peak memory of {', '.join(str(list(s)) for s in part)} (a fresh process)", flush=True)
+        code = (
+            f"import sys; sys.path[:0] = {paths!r}; import json, bench_ops; "
+            f"print('RESULT ' + json.dumps(bench_ops.deform_memory_worker({part!r}, {warmup_hw!r})))"
+        )
+        env = {**os.environ, **MALLOC_ENV}
+        p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+        result = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+        if p.returncode != 0 or not result:
+            raise RuntimeError(f"peak-memory process for {part} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+        res = json.loads(result[-1][len("RESULT ") :])
+        cals.append(res["calibration"])
+        for r in res["rows"]:
+            print(
+                f"  {r['case'][14:32]:18s} {r['direction']:8s} {r['impl']:11s} {r['layout']:13s} {r['dtype']:8s} "
+                f"{r['threads']}T "
+                f"extra {r['extra_peak_bytes'] / MIB:8.1f} MiB (columns {r['columns_bytes'] / MIB:.1f})",
+                flush=True,
+            )
+        rows += res["rows"]
+    return {"rows": rows, "calibration": cals, "note": MEMORY_NOTE}
+
+
 def _say(what: str, threads: int) -> None:
     print(f"{what} ({threads} thread{'s' if threads > 1 else ''})", flush=True)
 
@@ -687,7 +798,8 @@ ALL_OPS = _op_table.benchmarked()
 assert sorted(BENCHES) == sorted(ALL_OPS), f"benchmark cases {sorted(BENCHES)} != op table {sorted(ALL_OPS)}"
 
 
-def markdown(meta: dict, rows: list[dict]) -> str:
+def markdown(meta: dict, rows: list[dict], memory: dict | None = None) -> str:
+    """The timing table of `rows`, then deform_conv2d's peak-memory table if `memory`."""
     lim = meta["limits"]
     out = [
         "## torchvision_cpu_ext vs torchvision",
@@ -714,6 +826,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['case']} | {r['direction']} | {r['impl']} | {r['layout']} | {r['dtype']} | {r['threads']} "
             f"| {r['ms']:.2f} | {sp:.1f}x | {gfma} | {floor} |"
         )
+    if memory:
+        from peak_memory import memory_markdown
+
+        out += ["", "## deform_conv2d: extra peak memory per call", "", memory_markdown(memory).rstrip()]
     return "\n".join(out) + "\n"
 
 
@@ -723,6 +839,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ops", nargs="+", default=list(ALL_OPS), help="ops to run (default: all)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timing per row")
+    ap.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip deform_conv2d's peak-memory rows (a fresh process measuring case (b): 1-2 min here)",
+    )
     ap.add_argument(
         "--line-floor",
         action="store_true",
@@ -761,7 +882,10 @@ def run(a: argparse.Namespace) -> dict:
     for op in a.ops:
         for threads in a.threads:
             rows += BENCHES[op](a, threads, min_time)
-    return {"meta": meta, "rows": rows}
+    data = {"meta": meta, "rows": rows}
+    if "deform_conv2d" in a.ops and not getattr(a, "no_memory", False):
+        data["memory"] = deform_memory([DEFORM_CASES[3]] if a.quick else None)
+    return data
 
 
 def main() -> None:
@@ -773,7 +897,7 @@ def main() -> None:
     data = run(a)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "ops.json").write_text(json.dumps(data, indent=1))
-    md = markdown(data["meta"], data["rows"])
+    md = markdown(data["meta"], data["rows"], data.get("memory"))
     (a.out / "ops.md").write_text(md)
     print()
     print(md)

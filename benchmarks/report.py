@@ -31,6 +31,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from peak_memory import memory_markdown, memory_table  # noqa: E402
+
 VARIANT_ORDER = [
     ("torchvision", "nchw", "float32"),
     ("torchvision", "channels_last", "float32"),
@@ -493,10 +496,13 @@ def build_report(data: dict, out: Path, source: str = "") -> dict[str, Path]:
         md += [summary_md, ""]
     if plots.get("roofline"):
         md += ["## Roofline", "", "![roofline](roofline.png)", ""]
+    memory = data.get("memory")
     for op in ops:
         md += [f"## {op}", ""]
         md += [f"![{cap}]({name})" for name, cap in plots.get(op, [])] + [""]
         md += [op_table([r for r in rows if r["op"] == op])[0], ""]
+        if op == "deform_conv2d" and memory:
+            md += ["### Extra peak memory per call", "", memory_markdown(memory).rstrip(), ""]
     md += ["## Bytes and flops model", "", "```", model.rstrip(), "```", ""]
     md += ["## Kernels that ran (`torchvision_cpu_ext.info()`)", "", kernels_md, "", info_md, ""]
     (out / "report.md").write_text("\n".join(md))
@@ -529,6 +535,13 @@ def build_report(data: dict, out: Path, source: str = "") -> dict[str, Path]:
             op_table([r for r in rows if r["op"] == op])[1],
             "</details>",
         ]
+        if op == "deform_conv2d" and memory:
+            note = memory_markdown(memory).split("\n", 1)[0]  # the note and the calibration
+            h += [
+                "<h3>Extra peak memory per call</h3>",
+                f"<p>{html.escape(note)}</p>",
+                _table(*memory_table(memory["rows"]))[1],
+            ]
     h += ["<h2>Bytes and flops model</h2>", f"<pre>{html.escape(model)}</pre>"]
     h += ["<h2>Kernels that ran (<code>torchvision_cpu_ext.info()</code>)</h2>", kernels_html, info_html]
     h += ["</body></html>", ""]
@@ -548,6 +561,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timing per row")
     ap.add_argument("--line-floor", action="store_true", help="also time each RoI forward's line-read floor")
+    ap.add_argument("--no-memory", action="store_true", help="skip deform_conv2d's peak-memory rows")
     return ap
 
 

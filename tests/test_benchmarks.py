@@ -190,7 +190,25 @@ def test_report_from_a_tiny_run(tmp_path, monkeypatch):
         for threads in (1, 2):
             rows += bench_ops.bench_case(tiny_case(op), threads, 0.001, ["nchw", "channels_last"], [torch.float32])
     rows += bench_ops.bench_nms(1, 0.001)
+    rows += bench_ops.bench_deform_conv2d(1, 0.001, [((1, 8, 6, 7), True)])
     assert all(r["bytes"] > 0 and r["flops"] > 0 for r in rows)
+    memory = {  # as bench_ops.deform_memory's, abridged
+        "rows": [
+            {
+                "case": "deform_conv2d [1, 8, 6, 7] 3x3 DCNv2",
+                "direction": d,
+                "impl": impl,
+                "layout": "nchw",
+                "dtype": "float32",
+                "threads": 2,
+                "extra_peak_bytes": mib << 20,
+                "output_bytes": 1 << 20,
+                "columns_bytes": 3 << 20,
+            }
+            for d, impl, mib in (("forward", "torchvision", 5), ("forward", "ours", 1), ("backward", "ours", 2))
+        ],
+        "calibration": [{"alloc_free_100mib": 100.0, "return_100mib": 0.0, "two_8mib": 16.0}],
+    }
     limits = {"copy_gb_s_1t": 10.0, "copy_gb_s_2t": 18.0, "sgemm_gflop_s_1t": 100.0, "sgemm_gflop_s_2t": 190.0}
     meta = dict.fromkeys(["cpu", "aten_cpu_capability", "isa_variant", "torch", "torchvision", "python"], "x")
     meta.update(
@@ -201,12 +219,16 @@ def test_report_from_a_tiny_run(tmp_path, monkeypatch):
         work_model=bench_ops.WORK_MODEL,
         kernels={"nms": ["nms", "boxes._batched_nms_vanilla"]},
     )
-    written = report.build_report({"meta": meta, "rows": rows}, tmp_path / "report")
+    written = report.build_report({"meta": meta, "rows": rows, "memory": memory}, tmp_path / "report")
 
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
     assert pngs == sorted(
         ["roofline.png"]
-        + [f"{kind}_{op}.png" for kind in ("speedup", "bandwidth") for op in ("roi_align", "ps_roi_pool", "nms")]
+        + [
+            f"{kind}_{op}.png"
+            for kind in ("speedup", "bandwidth")
+            for op in ("roi_align", "ps_roi_pool", "nms", "deform_conv2d")
+        ]
     )
     assert set(written) == {*pngs, "report.md", "report.html"}
     page = (tmp_path / "report" / "report.html").read_text()
@@ -219,6 +241,9 @@ def test_report_from_a_tiny_run(tmp_path, monkeypatch):
     assert "tiny ps_roi_pool" in page and "sgemm GFLOP/s" in page and "grad_input written once" in page
     assert "_roi_align_backward" in page and "isa_variant" in page
     assert "| boxes._batched_nms_vanilla | torchvision_cpu_ext | ? | yes |" in md
+    # deform_conv2d's section ends with the peak-memory table.
+    line = "| deform_conv2d [1, 8, 6, 7] 3x3 DCNv2 | forward | 3.0 | 1.0 | 5.0 | 1.0 |"
+    assert line in md and md.index(line) > md.index("## deform_conv2d") and "Extra peak memory per call" in page
 
 
 def test_report_takes_bench_ops_arguments():
@@ -252,3 +277,37 @@ def test_bench_deform_conv2d_runs():
     baseline = [r for r in rows if r["impl"] == "torchvision"]
     assert [r["speedup_vs_torchvision_fp32_nchw"] for r in baseline] == [1.0, 1.0]
     assert all(r["ms"] > 0 and r["vs_aten_conv2d"] > 0 for r in rows)
+
+
+def test_extra_peak_reads_what_a_call_allocates():
+    import peak_memory
+
+    def alloc_free(mib):
+        return lambda: torch.empty(mib * peak_memory.MIB // 4).fill_(1).sum()
+
+    for call in (alloc_free(64), alloc_free(64)):  # warm-ups
+        call()
+    res = peak_memory.extra_peak(alloc_free(64))
+    assert res["output_bytes"] == 4  # the sum
+    assert abs(res["extra_peak_bytes"] / peak_memory.MIB - 64) < 3
+    # The outputs are subtracted: returning the 64 MiB tensor reads about nothing extra.
+    res = peak_memory.extra_peak(lambda: torch.empty(16 * peak_memory.MIB).fill_(1))
+    assert res["output_bytes"] == 64 * peak_memory.MIB and abs(res["extra_peak_bytes"]) < 3 * peak_memory.MIB
+
+
+def test_deform_memory_runs():
+    import peak_memory
+
+    # A fresh process under the malloc settings, as the benchmark's.
+    memory = bench_ops.deform_memory([(1, 16, 40, 40)], warmup_hw=8)
+    rows = memory["rows"]
+    variants = {(r["impl"], r["layout"], r["dtype"], r["threads"]) for r in rows}
+    assert len(rows) == 2 * len(peak_memory.MEMORY_VARIANTS) and variants == set(peak_memory.MEMORY_VARIANTS)
+    assert all(r["columns_bytes"] == 16 * 9 * 40 * 40 * 4 for r in rows)
+    assert all(r["rss_growth_bytes"] - r["output_bytes"] == r["extra_peak_bytes"] for r in rows)
+    out32 = [r["output_bytes"] for r in rows if r["direction"] == "forward" and r["dtype"] == "float32"]
+    assert set(out32) == {16 * 40 * 40 * 4}
+    (cal,) = memory["calibration"]
+    assert abs(cal["alloc_free_100mib"] - 100) < 3 and abs(cal["return_100mib"]) < 3 and abs(cal["two_8mib"] - 16) < 2
+    md = peak_memory.memory_markdown(memory)
+    assert "| deform_conv2d [1, 16, 40, 40] 3x3 DCNv2 | backward | 0.9 | " in md and "tv NCHW fp32 2T" in md
