@@ -584,10 +584,11 @@ void forward_kernel(
     const at::Tensor& in,      // channels_last
     const at::Tensor& offset,  // opmath, contiguous
     const at::Tensor& mask,    // opmath, contiguous (undefined without use_mask)
-    const at::Tensor& wk,      // [G, C_out_g, K * C_in_g]
+    const at::Tensor& wk,      // [G, C_out_g, K * C_in_g]; for brgemm transposed: [G, K * C_in_g, C_out_g]
     const at::Tensor& bias,    // [C_out]
     at::Tensor& out,
-    bool cl) {
+    bool cl,
+    bool brgemm) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t P = tile_pixels(g, g.cols() * static_cast<int64_t>(sizeof(scalar_t)), wk.nbytes());
   const int64_t tiles = (g.OHW + P - 1) / P;
@@ -598,9 +599,6 @@ void forward_kernel(
   const auto runs = channel_runs(g);
   const int64_t kc = g.K * g.C_in_g;
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
-  const bool brgemm = kFloat && use_brgemm();
-  // brgemm's B: the weight as [G, K * C_in_g, C_out_g].
-  const at::Tensor wk_t = brgemm ? wk.transpose(1, 2).contiguous() : at::Tensor();
   // at::parallel_for does not carry the caller's dispatch state (inference mode, the guard below
   // autograd) to its threads; the ATen calls inside need it.
   const at::ThreadLocalState caller;
@@ -626,7 +624,7 @@ void forward_kernel(
             }
             tile_gemm_f32(
                 np, g.C_out_g, kc, panel.const_data_ptr<float>() + gr * kc, g.cols(),
-                wk_t.const_data_ptr<float>() + gr * kc * g.C_out_g, c, ldc, true);
+                wk.const_data_ptr<float>() + gr * kc * g.C_out_g, c, ldc, true);
             if (!cl) {
               transpose_block(
                   np, g.C_out_g, scratch.data(), out.mutable_data_ptr<float>() + (n * g.C_out + gr * g.C_out_g) * g.OHW + p0,
@@ -648,13 +646,14 @@ void forward_kernel(
   });
 }
 
-// The weight as [G, C_out_g, K * C_in_g] (tap-major columns, as the panel's), in `dtype`.
-at::Tensor weight_as_panel_cols(const Geometry& g, const at::Tensor& weight, at::ScalarType dtype) {
-  return weight.to(dtype)
-      .reshape({g.G, g.C_out_g, g.C_in_g, g.K})
-      .permute({0, 1, 3, 2})
-      .contiguous()
-      .view({g.G, g.C_out_g, g.K * g.C_in_g});
+// The weight as [G, C_out_g, K * C_in_g] (tap-major columns, as the panel's), in `dtype`;
+// `transposed`: as [G, K * C_in_g, C_out_g] (tile_gemm_f32's B).
+at::Tensor weight_as_panel_cols(const Geometry& g, const at::Tensor& weight, at::ScalarType dtype, bool transposed) {
+  const at::Tensor w = weight.to(dtype).reshape({g.G, g.C_out_g, g.C_in_g, g.K});
+  if (transposed) {
+    return w.permute({0, 3, 2, 1}).contiguous().view({g.G, g.K * g.C_in_g, g.C_out_g});
+  }
+  return w.permute({0, 1, 3, 2}).contiguous().view({g.G, g.C_out_g, g.K * g.C_in_g});
 }
 
 at::Tensor forward(
@@ -688,10 +687,11 @@ at::Tensor forward(
   const at::Tensor in = input.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor off = offset.to(acc).contiguous();
   const at::Tensor msk = use_mask ? mask.to(acc).contiguous() : at::Tensor();
-  const at::Tensor wk = weight_as_panel_cols(g, weight, input.scalar_type());
+  const bool brgemm = input.scalar_type() == at::kFloat && use_brgemm();
+  const at::Tensor wk = weight_as_panel_cols(g, weight, input.scalar_type(), brgemm);
   const at::Tensor b = bias.reshape({g.C_out}).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "deform_conv2d_forward", [&] {
-    forward_kernel<scalar_t>(g, in, off, msk, wk, b, out, fmt == at::MemoryFormat::ChannelsLast);
+    forward_kernel<scalar_t>(g, in, off, msk, wk, b, out, fmt == at::MemoryFormat::ChannelsLast, brgemm);
   });
   return out;
 }
@@ -904,7 +904,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const at::Tensor go = grad.to(acc).contiguous(go_fmt);
   const at::Tensor off = offset.to(acc).contiguous();
   const at::Tensor msk = use_mask ? mask.to(acc).contiguous() : at::Tensor();
-  const at::Tensor wk = weight_as_panel_cols(g, weight, acc);
+  const at::Tensor wk = weight_as_panel_cols(g, weight, acc, false);
   // Segments per image: enough tasks for the threads when there are fewer images.
   const int64_t threads = useful_threads(g);
   const int64_t S = std::min<int64_t>(std::max<int64_t>(1, (threads + g.N - 1) / g.N), (g.OHW + 7) / 8);
