@@ -34,6 +34,10 @@ mean MASK_LOGIT_MEAN, deviation MASK_LOGIT_STD (masks mostly 0.5..0.9). The inpu
 is small on purpose: with random weights, offsets that follow the input by pixels make the
 network chaotic (a rounding difference of 1e-6 in one layer grows through the 13 layers to
 different detections), which a trained detector is not, and float32 runs could not be compared.
+Even so the float32 comparison has less room than with the plain models, whose backbones the
+package leaves bit for bit: deform_conv2d's float32 rounding (1e-6, as between any two float32
+kernels) grows through the random network to score differences of 3e-5..9e-5 at 800x1216 against
+the demo's 1e-4 tolerance, whatever OFFSET_VARIATION is between 0 and 0.05.
 """
 
 from __future__ import annotations
