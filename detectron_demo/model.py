@@ -21,6 +21,23 @@ calibration image (not an image that is timed):
    image reach the final NMS, as with detectron2's 0.05 threshold on a trained model.
 `workload` reports what the model did on an input (proposals, RoIs per level, candidates,
 detections), so anyone can check that the RoI heads do full work.
+
+`dcn_faster_rcnn` is the same Faster R-CNN with the res3-res5 bottlenecks' 3x3 convolutions
+(`conv2` of every block of layer2, layer3, layer4) made modulated deformable convolutions (DCNv2),
+as detectron2's `mask_rcnn_R_50_FPN_1x_dconv_c3-c5` (DEFORM_ON_PER_STAGE [False, True, True, True],
+DEFORM_MODULATED, DEFORM_NUM_GROUPS 1): see `ModulatedDeformConv`. Its calibration sets each
+offset/mask conv in step 1's pass (in network order, before the batch norm after it), per output
+channel: offsets of OFFSET_STD pixels (a seeded displacement per kernel tap and axis, so every
+sample is fractional and a few pixels off the grid) plus an input-dependent part of OFFSET_VARIATION
+pixels (the sampling positions differ from one output position to the next), and mask logits of
+mean MASK_LOGIT_MEAN, deviation MASK_LOGIT_STD (masks mostly 0.5..0.9). The input-dependent part
+is small on purpose: with random weights, offsets that follow the input by pixels make the
+network chaotic (a rounding difference of 1e-6 in one layer grows through the 13 layers to
+different detections), which a trained detector is not, and float32 runs could not be compared.
+Even so the float32 comparison has less room than with the plain models, whose backbones the
+package leaves bit for bit: deform_conv2d's float32 rounding (1e-6, as between any two float32
+kernels) grows through the random network to score differences of 3e-5..9e-5 at 800x1216 against
+the demo's 1e-4 tolerance, whatever OFFSET_VARIATION is between 0 and 0.05.
 """
 
 from __future__ import annotations
@@ -36,10 +53,73 @@ from torch import nn
 from torchvision.models import resnet50
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import DeformConv2d, FrozenBatchNorm2d
 
 CANDIDATES_PER_IMAGE = 1000  # (box, class) pairs that reach the final NMS, per image
 CLASS_LOGIT_STD = 2.0
+KINDS = ("faster_rcnn", "mask_rcnn", "dcn_faster_rcnn")
+DEFORM_STAGES = ("layer2", "layer3", "layer4")  # res3-res5
+OFFSET_STD = 1.5  # pixels (of the layer's input): the deviation of the per-tap displacements
+OFFSET_VARIATION = 0.05  # pixels: the deviation over positions, per offset channel
+MASK_LOGIT_MEAN, MASK_LOGIT_STD = 1.0, 0.5
+
+
+class ModulatedDeformConv(nn.Module):
+    """A modulated deformable 3x3 convolution (DCNv2) in place of a bottleneck's `conv2`:
+    `conv` is torchvision.ops.DeformConv2d with the original convolution's weight, stride,
+    padding and dilation; `offset` a 3x3 convolution beside it (same stride, padding, dilation)
+    giving 18 offsets and 9 mask logits per output position, as detectron2's
+    `DeformBottleneckBlock` (`conv2_offset`: offset_x, offset_y, mask chunks, mask = sigmoid)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        kh, kw = conv.kernel_size
+        self.conv = DeformConv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+        )
+        with torch.no_grad():
+            self.conv.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                self.conv.bias.copy_(conv.bias)
+        self.offset = nn.Conv2d(
+            conv.in_channels,
+            3 * kh * kw,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+        )
+        for p in self.parameters():
+            p.requires_grad_(conv.weight.requires_grad)
+        # What calibration sets the offset/mask conv to (per output channel, on its input): mean
+        # `target_mean`, deviation `target_std`. Offsets: seeded displacements of deviation
+        # OFFSET_STD (exactly, over the layer's taps), each varying by OFFSET_VARIATION.
+        n = 2 * kh * kw
+        shift = torch.randn(n)
+        shift = (shift - shift.mean()) / shift.std() * OFFSET_STD
+        self.register_buffer("target_mean", torch.cat([shift, torch.full((kh * kw,), MASK_LOGIT_MEAN)]))
+        self.register_buffer(
+            "target_std", torch.cat([torch.full((n,), OFFSET_VARIATION), torch.full((kh * kw,), MASK_LOGIT_STD)])
+        )
+
+    def offset_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        offset_x, offset_y, mask = torch.chunk(self.offset(x), 3, dim=1)
+        return torch.cat((offset_x, offset_y), dim=1), mask.sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offset, mask = self.offset_mask(x)
+        return self.conv(x, offset, mask)
+
+
+def deform_convs(model: nn.Module) -> list[ModulatedDeformConv]:
+    return [m for m in model.modules() if isinstance(m, ModulatedDeformConv)]
 
 
 class LevelCalibratedRPNHead(nn.Module):
@@ -58,9 +138,10 @@ class LevelCalibratedRPNHead(nn.Module):
 
 
 def build_model(kind: str = "faster_rcnn", seed: int = 0) -> nn.Module:
-    """Faster R-CNN (or Mask R-CNN) R50-FPN, 91 COCO classes, random weights (uncalibrated)."""
-    if kind not in ("faster_rcnn", "mask_rcnn"):
-        raise ValueError(f"kind must be 'faster_rcnn' or 'mask_rcnn', got {kind!r}")
+    """Faster R-CNN (or Mask R-CNN) R50-FPN, 91 COCO classes, random weights (uncalibrated);
+    `dcn_faster_rcnn`: Faster R-CNN with DCNv2 in res3-res5 (the module docstring)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     torch.manual_seed(seed)
     # trainable_layers=0 as in inference: every parameter frozen; FrozenBatchNorm2d as detectron2.
     backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), trainable_layers=0)
@@ -73,8 +154,14 @@ def build_model(kind: str = "faster_rcnn", seed: int = 0) -> nn.Module:
         box_nms_thresh=0.5,
         box_detections_per_img=100,
     )
-    model = (FasterRCNN if kind == "faster_rcnn" else MaskRCNN)(backbone, num_classes=91, **settings)
+    model = (MaskRCNN if kind == "mask_rcnn" else FasterRCNN)(backbone, num_classes=91, **settings)
     model.rpn.head = LevelCalibratedRPNHead(model.rpn.head, levels=5)
+    if kind == "dcn_faster_rcnn":
+        # After everything else is built: the other weights are faster_rcnn's, seed for seed.
+        body = model.backbone.body
+        for stage in DEFORM_STAGES:
+            for block in getattr(body, stage):
+                block.conv2 = ModulatedDeformConv(block.conv2)
     return model.eval()
 
 
@@ -107,15 +194,27 @@ def _set_stats_to_input(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
 # backend's pieces, so only the wiring differs between the two.
 
 
+def _standardise_offsets(module: ModulatedDeformConv, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Sets the offset/mask conv so that, per output channel, its outputs on its input have mean
+    `module.target_mean` and deviation `module.target_std`."""
+    conv = module.offset
+    conv.bias.zero_()
+    out = conv(inputs[0].float())
+    scale = module.target_std / out.std((0, 2, 3)).clamp_min(1e-12)
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    conv.bias.copy_(module.target_mean - out.mean((0, 2, 3)) * scale)
+
+
 def normalise_frozen_batch_norms(backbone: nn.Module, run: Callable[[], object]) -> object:
     """Step 1: `run` (a forward of the backbone) with a pre-hook on every frozen batch norm
     (torchvision's or detectron2's class) that sets its statistics to those of its input, just
-    before it normalises: in network order, so each layer sees already calibrated inputs."""
+    before it normalises: in network order, so each layer sees already calibrated inputs. The
+    offset/mask convs of deformable convolutions are calibrated in the same pass, the same way."""
     hooks = [
         m.register_forward_pre_hook(_set_stats_to_input)
         for m in backbone.modules()
         if type(m).__name__ == "FrozenBatchNorm2d"
-    ]
+    ] + [m.register_forward_pre_hook(_standardise_offsets) for m in deform_convs(backbone)]
     try:
         return run()
     finally:

@@ -1,7 +1,7 @@
 """End-to-end detection benchmark: how much faster does a Faster R-CNN R50-FPN run on this CPU
 with torchvision_cpu_ext, channels_last and bfloat16 autocast?
 
-    python -m detectron_demo [--quick] [--model faster_rcnn|mask_rcnn] [--iters N] [--out DIR]
+    python -m detectron_demo [--quick] [--model faster_rcnn|mask_rcnn|dcn_faster_rcnn] [--iters N] [--out DIR]
 
 One process times every configuration: stock torchvision (torchvision_cpu_ext.disable()) and
 the package (enable()), NCHW and channels_last, float32 and torch.autocast("cpu", bfloat16), at
@@ -14,6 +14,9 @@ prints a torch.profiler breakdown before and after, and writes JSON.
 The model is built from torchvision's detection models with detectron2's test-time settings and
 random weights calibrated to behave like a trained detector (detectron_demo/model.py); the
 workload line shows the proposals, RoIs per FPN level, NMS candidates and detections.
+`--model dcn_faster_rcnn` has modulated deformable convolutions (DCNv2) in res3-res5; the report
+then adds what share of the op time torchvision::deform_conv2d takes, and how long the same
+layers take as deform_conv2d and as plain convolutions (F.conv2d on the same inputs and weights).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ class Config:
 
 
 BASELINE = Config("stock", "nchw", "fp32")
+EXT_FP32 = Config("ext", "channels_last", "fp32")
+DEFORM_OPS = ("torchvision::deform_conv2d", "torchvision_cpu_ext::_deform_conv2d_mixed")
 CONFIGS = [Config(i, lay, d) for d in ("fp32", "bf16") for lay in ("nchw", "channels_last") for i in ("stock", "ext")]
 # The 1-thread and batch-2 groups leave out NCHW under bf16 autocast (to keep the default run
 # to a few minutes; --all-configs runs it too): bf16 is only worth it channels_last.
@@ -168,14 +173,19 @@ def compare_detections(ref: list[dict], out: list[dict]) -> dict:
     }
 
 
-def check_correctness(run: Runner, images, threads: int, box_tol: float, score_tol: float) -> list[dict]:
+def check_correctness(
+    run: Runner, images, threads: int, box_tol: float, score_tol: float, stock_bf16: bool = True
+) -> list[dict]:
     """The package against stock on the same input, per layout and dtype; bf16 is reported with
-    the difference bf16 autocast itself makes in stock torchvision, for scale."""
+    the difference bf16 autocast itself makes in stock torchvision, for scale. Without
+    `stock_bf16` (stock cannot run the model under bf16 autocast) the package's bf16 is compared
+    with stock float32 of the same layout."""
     rows = []
     fp32_stock = run(BASELINE, images, threads)
     for layout in ("nchw", "channels_last"):
         for dtype in ("fp32", "bf16"):
-            stock = run(Config("stock", layout, dtype), images, threads)
+            ref_dtype = dtype if stock_bf16 else "fp32"
+            stock = run(Config("stock", layout, ref_dtype), images, threads)
             ext = run(Config("ext", layout, dtype), images, threads)
             row = {"layout": layout, "dtype": dtype, **compare_detections(stock, ext)}
             if dtype == "fp32":
@@ -184,9 +194,12 @@ def check_correctness(run: Runner, images, threads: int, box_tol: float, score_t
                     and row["max_abs_box_px"] <= box_tol
                     and row["max_abs_score"] <= score_tol
                 )
-            else:
+            elif stock_bf16:
                 row["stock_bf16_vs_stock_fp32"] = compare_detections(fp32_stock, stock)
                 row["ok"] = None  # reported, not asserted (see the README)
+            else:
+                row["reference"] = "stock fp32"
+                row["ok"] = None
             rows.append(row)
     return rows
 
@@ -230,6 +243,8 @@ def profile(run: Runner, cfg: Config, images, threads: int, top: int) -> dict:
         # torchvision's ops, and the package's replacement of batched_nms's per-class loop.
         "torchvision_ops_share": share(("torchvision::", "torchvision_cpu_ext::_batched_nms")),
         "roi_align_share": share(("torchvision::roi_align",)),
+        # Inclusive, as the others: stock's kernel runs its GEMMs as aten ops inside the call.
+        "deform_conv2d_share": share(DEFORM_OPS),
         "frozen_batch_norm_share": share(("torchvision_cpu_ext::frozen_batch_norm",)),
         "top": [
             {
@@ -243,13 +258,100 @@ def profile(run: Runner, cfg: Config, images, threads: int, top: int) -> dict:
     }
 
 
+def deform_vs_conv(run: Runner, cfg: Config, images, threads: int, repeats: int) -> dict:
+    """The model's deformable convolutions timed alone, on the inputs they get in `cfg` (float32),
+    against the same layers as plain convolutions: F.conv2d of the same input, weight, stride,
+    padding and dilation. Interleaved per layer; the median of `repeats` per layer, summed."""
+    from torch.nn import functional as F
+    from torchvision.ops import deform_conv2d
+
+    layers = demo_model.deform_convs(run.models[cfg.layout])
+    captured = []
+    hooks = [
+        m.conv.register_forward_hook(lambda mod, inputs, out, m=m: captured.append((m, [t.clone() for t in inputs])))
+        for m in layers
+    ]
+    try:
+        run(cfg, images, threads)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def layer_calls(m, x, offset, mask) -> dict:
+        c = m.conv
+        geo = dict(stride=c.stride, padding=c.padding, dilation=c.dilation)
+        return {
+            "deform_conv2d": lambda: deform_conv2d(x, offset, c.weight, c.bias, mask=mask, **geo),
+            "conv2d": lambda: F.conv2d(x, c.weight, c.bias, **geo),
+            "offset_conv2d": lambda: m.offset(x),
+        }
+
+    times = {"deform_conv2d": [], "conv2d": [], "offset_conv2d": []}
+    run.select(cfg, threads)
+    try:
+        with torch.inference_mode():
+            for m, inputs in captured:
+                calls = layer_calls(m, *inputs)
+                for fn in calls.values():  # warm
+                    fn()
+                samples = {k: [] for k in calls}
+                for _ in range(repeats):
+                    for k, fn in calls.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        samples[k].append(time.perf_counter() - t0)
+                for k in calls:
+                    times[k].append(statistics.median(samples[k]))
+    finally:
+        torchvision_cpu_ext.enable()
+    deform_s, conv_s = sum(times["deform_conv2d"]), sum(times["conv2d"])
+    return {
+        "config": asdict(cfg),
+        "threads": threads,
+        "layers": len(captured),
+        "repeats": repeats,
+        "deform_conv2d_s": deform_s,
+        "conv2d_s": conv_s,
+        "offset_conv2d_s": sum(times["offset_conv2d"]),
+        "ratio": deform_s / conv_s,
+        "per_layer_s": times,
+    }
+
+
+def fmt_deform(r: dict) -> str:
+    rows = r["deform"]
+    profiles = {tuple(p["config"].values()): p for p in r["profiles"]}
+    lines = [
+        f"Deformable convolutions ({rows[0]['layers']} layers, res3-res5): share of the op time in the "
+        "profiled call (torch.profiler, torchvision::deform_conv2d inclusive), and the layers timed alone "
+        f"on the inputs the model gives them in one batch-1 call (median of {rows[0]['repeats']} per layer, summed) as "
+        "deform_conv2d and as plain convolutions (F.conv2d, same input, weight, stride, padding); the "
+        "offset/mask convolutions beside them are plain convolutions in every row:",
+        "",
+        "| configuration | threads | deform_conv2d share of op time | deform_conv2d ms | as conv2d ms "
+        "| deform / conv | offset/mask conv ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for d in rows:
+        c = Config(**d["config"])
+        p = profiles.get(tuple(d["config"].values()))
+        share = f"{100 * p['deform_conv2d_share']:.1f}%" if p else "not profiled"
+        lines.append(
+            f"| {c.label} | {d['threads']} | {share} | {d['deform_conv2d_s'] * 1e3:.1f} "
+            f"| {d['conv2d_s'] * 1e3:.1f} | {d['ratio']:.2f}x | {d['offset_conv2d_s'] * 1e3:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def fmt_profile(p: dict) -> str:
     c = Config(**p["config"])
+    deform = p.get("deform_conv2d_share", 0)
     lines = [
         f"profile: {c.label}, {p['threads']} thread(s), {p['wall_s'] * 1e3:.0f} ms (profiled call); "
         f"of op time: torchvision ops {100 * p['torchvision_ops_share']:.1f}% "
-        f"(roi_align {100 * p['roi_align_share']:.1f}%), "
-        f"fused FrozenBatchNorm2d {100 * p['frozen_batch_norm_share']:.1f}%",
+        f"(roi_align {100 * p['roi_align_share']:.1f}%"
+        + (f", deform_conv2d {100 * deform:.1f}%" if deform else "")
+        + f"), fused FrozenBatchNorm2d {100 * p['frozen_batch_norm_share']:.1f}%",
         "| op | self ms | share | calls |",
         "|---|---|---|---|",
     ]
@@ -290,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--quick", action="store_true", help="CI smoke run: small images, one timed call, 2 configurations' profiles"
     )
-    ap.add_argument("--model", choices=["faster_rcnn", "mask_rcnn"], default="faster_rcnn")
+    ap.add_argument("--model", choices=list(demo_model.KINDS), default="faster_rcnn")
     ap.add_argument("--backend", choices=["torchvision", "detectron2"], default="torchvision")
     ap.add_argument("--iters", type=int, default=None, help="timed rounds per group (default 5; --quick 1)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds before them")
@@ -304,6 +406,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     backend = demo_model
+    if a.backend == "detectron2" and a.model == "dcn_faster_rcnn":
+        ap.error("--model dcn_faster_rcnn is built from torchvision's detection models (--backend torchvision)")
     if a.backend == "detectron2":
         detectron2_or_exit()
         from . import d2 as backend
@@ -333,8 +437,12 @@ def main(argv: list[str] | None = None) -> dict:
         workloads[b] = asdict(work)
         print(f"workload, batch {b}: {work.line()}", flush=True)
 
+    # Stock torchvision has no bfloat16 deform_conv2d on the CPU (its kernel is float/double only
+    # and it has no CPU autocast rule): the deformable model's stock bf16 configurations are left out.
+    deformable = bool(demo_model.deform_convs(model))
+    runnable = [c for c in CONFIGS if not (deformable and c.impl == "stock" and c.dtype == "bf16")]
     groups = [
-        (b, t, CONFIGS if (b, t) == (1, ALL_THREADS) or a.all_configs else CORE_CONFIGS)
+        (b, t, [c for c in (CONFIGS if (b, t) == (1, ALL_THREADS) or a.all_configs else CORE_CONFIGS) if c in runnable])
         for b in batches
         for t in threads_list
         if b == 1 or t == ALL_THREADS
@@ -359,21 +467,30 @@ def main(argv: list[str] | None = None) -> dict:
     bar.close()
 
     print("checking detections (package vs stock, same input) ...", flush=True)
-    correctness = check_correctness(run, images[:1], ALL_THREADS, box_tol=1e-2, score_tol=1e-4)
+    correctness = check_correctness(
+        run, images[:1], ALL_THREADS, box_tol=1e-2, score_tol=1e-4, stock_bf16=not deformable
+    )
     profiles = [
         profile(run, cfg, images[:1], ALL_THREADS, top=8 if quick else 12)
         for cfg in (
-            [BASELINE, Config("ext", "channels_last", "bf16")]
+            [BASELINE, Config("ext", "channels_last", "bf16")] + ([EXT_FP32] if deformable else [])
             if quick
             else [
                 BASELINE,
                 Config("stock", "channels_last", "bf16"),
                 Config("ext", "nchw", "fp32"),
-                Config("ext", "channels_last", "fp32"),
+                EXT_FP32,
                 Config("ext", "channels_last", "bf16"),
             ]
         )
+        if cfg in runnable
     ]
+    deform = []
+    if deformable:
+        print("timing the deformable convolutions alone and as plain convolutions ...", flush=True)
+        deform = [
+            deform_vs_conv(run, cfg, images[:1], ALL_THREADS, repeats=1 if quick else 3) for cfg in (BASELINE, EXT_FP32)
+        ]
     info = torchvision_cpu_ext.info()
     report = {
         "meta": {
@@ -397,6 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
         "correctness": correctness,
         "profiles": profiles,
+        "deform": deform,
         "seconds": time.time() - t_start,
     }
     print()
@@ -428,6 +546,14 @@ def render(r: dict) -> str:
     ]
     lines += [f"- workload, batch {b}: " + demo_model.Workload(**w).line() for b, w in r["workload"].items()]
     lines += ["", fmt_table(r["results"]), ""]
+    if any(c.get("reference") == "stock fp32" for c in r["correctness"]):
+        lines += [
+            "Stock torchvision cannot run this model under bfloat16 autocast on the CPU: its deform_conv2d "
+            "kernel is float32/float64 only (`deformable_im2col` not implemented for BFloat16) and it has no "
+            "CPU autocast rule, so its bf16 rows are left out and the package's bf16 detections are compared "
+            "with stock fp32 below.",
+            "",
+        ]
     lines += ["Detections, package vs stock on the same image (fp32 must match; bf16 is reported):", ""]
     lines.append(
         "| layout | dtype | stock | package | matched | min IoU | max abs box diff (px) | max abs score diff | check |"
@@ -435,6 +561,8 @@ def render(r: dict) -> str:
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for c in r["correctness"]:
         check = {True: "equal", False: "DIFFERENT", None: "reported"}[c["ok"]]
+        if c.get("reference"):
+            check += f" (vs {c['reference']})"
         lines.append(
             f"| {c['layout']} | {c['dtype']} | {c['detections_ref']} | {c['detections']} | {c['matched']} "
             f"| {c['min_iou']:.4f} | {c['max_abs_box_px']:.2g} | {c['max_abs_score']:.2g} | {check} |"
@@ -447,6 +575,8 @@ def render(r: dict) -> str:
                 f"{s['detections_ref']} detections (max abs score diff {s['max_abs_score']:.2g})."
             )
     lines.append("")
+    if r.get("deform"):
+        lines += [fmt_deform(r), ""]
     for p in r["profiles"]:
         lines += [fmt_profile(p), ""]
     return "\n".join(lines)

@@ -120,3 +120,44 @@ def test_detectron2_quick_run(tmp_path, kind):
     assert len(bf16) == 2 and all(c["detections"] > 0 for c in bf16), bf16  # ran under autocast
     stock, ours = report["profiles"]  # detectron2's FrozenBatchNorm2d runs the fused op with the package
     assert stock["frozen_batch_norm_share"] == 0 and ours["frozen_batch_norm_share"] > 0
+
+
+@pytest.mark.needs_native  # compares with torchvision's deform_conv2d
+def test_dcn_faster_rcnn():
+    """DCNv2 in every res3-res5 bottleneck's 3x3 conv, offsets of pixels, and on a tiny image the
+    package's float32 detections are stock's (the demo's fp32 check)."""
+    from torchvision.ops import DeformConv2d
+
+    m = demo_model.build_model("dcn_faster_rcnn")
+    body = m.backbone.body
+    assert not any(isinstance(x, DeformConv2d) for x in body.layer1.modules())
+    for stage, blocks in (("layer2", 4), ("layer3", 6), ("layer4", 3)):
+        convs = [b.conv2 for b in getattr(body, stage)]
+        assert len(convs) == blocks and all(isinstance(c, demo_model.ModulatedDeformConv) for c in convs)
+        assert all(isinstance(c.conv, DeformConv2d) and c.offset.out_channels == 27 for c in convs)
+    assert body.layer2[0].conv2.conv.stride == (2, 2) and body.layer2[1].conv2.conv.stride == (1, 1)
+    plain = demo_model.build_model("faster_rcnn").backbone.body
+    assert torch.equal(body.layer3[2].conv2.conv.weight, plain.layer3[2].conv2.weight)  # the conv's own weight
+
+    size = (128, 160)  # at 96x128 the 100th detection is a near tie
+    m.transform.min_size, m.transform.max_size = (size[0],), max(size)
+    demo_model.calibrate(m, demo_model.synthetic_image(*size, seed=1000))
+    image = [demo_model.synthetic_image(*size, seed=0)]
+    stats = []
+
+    def record(module, inputs, output):
+        offset, mask = module.offset_mask(inputs[0])
+        stats.append((offset.std(), (offset - offset.round()).abs().mean(), mask.mean(), offset.std((0, 2, 3)).mean()))
+
+    hooks = [d.register_forward_hook(record) for d in demo_model.deform_convs(m)]
+    run = demo_run.Runner(m)
+    stock = run(demo_run.BASELINE, image, threads=torch.get_num_threads())
+    for h in hooks:
+        h.remove()
+    assert len(stats) == 13
+    for std, frac, mask, spatial in stats:  # a few pixels, fractional, varying over positions
+        assert 0.8 < std < 3 and frac > 0.15 and 0.5 < mask < 0.9 and spatial > 0.01
+    ext = run(demo_run.EXT_FP32, image, threads=torch.get_num_threads())
+    d = demo_run.compare_detections(stock, ext)
+    assert d["detections_ref"] > 0 and d["matched"] == d["detections_ref"] == d["detections"], d
+    assert d["max_abs_box_px"] <= 1e-2 and d["max_abs_score"] <= 1e-4, d
