@@ -110,6 +110,9 @@ def test_names():
         "output_pool_min_bytes",
         "nms_radix_min",
         "nms_parallel_work",
+        "deform_tile_pixels",
+        "deform_brgemm",
+        "deform_serial_work",
     }
     with pytest.raises(ValueError, match="unknown debug thresholds"):
         with _debug.thresholds(no_such_threshold=1):
