@@ -38,7 +38,8 @@
 //   buffers are opmath, each gradient rounded once at the end and returned in its tensor's
 //   dtype and memory format (grad_bias contiguous).
 // Work is parallel over (image, pixel tile); each task owns its plan and panel, allocated once
-// per thread. Under a parallel region ATen's GEMM runs on the calling thread, with the
+// per thread. A call of less than about 2^20 multiply-adds (useful_threads) stays on the calling
+// thread. Tile size, GEMM and that threshold are debug thresholds (debug_thresholds.h). Under a parallel region ATen's GEMM runs on the calling thread, with the
 // caller's dispatch state (inference mode, below autograd) carried over explicitly.
 //
 // Backward (recomputes the plan; no columns tensor either):
