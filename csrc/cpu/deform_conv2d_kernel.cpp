@@ -506,17 +506,20 @@ inline int64_t useful_threads(const Geometry& g) {
 // Output pixels per tile. A tile's GEMM streams the whole (reordered) weight, so tiles grow
 // with the weight: panel rows of max(1 MiB, weight / 4) (a panel of a quarter of the weight's
 // size keeps that traffic below the panel's own), at least 64 rows (MKL's small-M products are
-// slow) and at most 512; but no larger than gives about four tiles per thread, so that the
-// tile count does not leave threads idle. The debug threshold deform_tile_pixels overrides it,
-// for tests (tiles of a few pixels on small inputs) and for measuring.
-int64_t tile_pixels(const Geometry& g, int64_t row_bytes, int64_t weight_bytes) {
+// slow) and at most 512, or 128 for brgemm's blocked products (which keep their weight block in
+// L2 whatever the tile, and gain from a panel that stays in cache: HISTORY.md); but no larger
+// than gives about four tiles per thread, so that the tile count does not leave threads idle.
+// The debug threshold deform_tile_pixels overrides it, for tests (tiles of a few pixels on
+// small inputs) and for measuring.
+int64_t tile_pixels(const Geometry& g, int64_t row_bytes, int64_t weight_bytes, bool brgemm) {
   if (const int64_t v = debug::threshold(debug::kDeformTilePixels, 0); v > 0) {
     return std::min(v, g.OHW);
   }
   constexpr int64_t kMinPanelBytes = int64_t(1) << 20;
-  constexpr int64_t kMinPixels = 64, kMaxPixels = 512;
+  constexpr int64_t kMinPixels = 64;
+  const int64_t max_pixels = brgemm ? 128 : 512;
   const int64_t budget = std::max(kMinPanelBytes, weight_bytes / 4);
-  int64_t P = std::clamp(budget / std::max<int64_t>(row_bytes, 1), kMinPixels, kMaxPixels);
+  int64_t P = std::clamp(budget / std::max<int64_t>(row_bytes, 1), kMinPixels, max_pixels);
   const int64_t threads = useful_threads(g);
   const int64_t tiles_per_image = (4 * threads + g.N - 1) / g.N;
   P = std::min(P, std::max<int64_t>(8, (g.OHW + tiles_per_image - 1) / tiles_per_image));
@@ -591,7 +594,7 @@ void forward_kernel(
     bool cl,
     bool brgemm) {
   using acc_t = opmath_t<scalar_t>;
-  const int64_t P = tile_pixels(g, g.cols() * static_cast<int64_t>(sizeof(scalar_t)), wk.nbytes());
+  const int64_t P = tile_pixels(g, g.cols() * static_cast<int64_t>(sizeof(scalar_t)), wk.nbytes(), brgemm);
   const int64_t tiles = (g.OHW + P - 1) / P;
   const scalar_t* in_p = in.const_data_ptr<scalar_t>();
   const acc_t* off_p = offset.const_data_ptr<acc_t>();
@@ -765,7 +768,7 @@ void backward_kernel(
   // dCol through tile_gemm_f32 (float opmath: float, bfloat16, half).
   const bool brgemm = std::is_same_v<acc_t, float> && go_cl && use_brgemm();
   // Two opmath panels (dCol and the samples).
-  const int64_t P = tile_pixels(g, 2 * g.cols() * static_cast<int64_t>(sizeof(acc_t)), wk.nbytes());
+  const int64_t P = tile_pixels(g, 2 * g.cols() * static_cast<int64_t>(sizeof(acc_t)), wk.nbytes(), brgemm);
   const int64_t tiles = (g.OHW + P - 1) / P;
   const int64_t tasks = g.N * S, chunks = gw_parts.size(0);
   const scalar_t* in_p = in.const_data_ptr<scalar_t>();
