@@ -38,6 +38,29 @@ Even so the float32 comparison has less room than with the plain models, whose b
 package leaves bit for bit: deform_conv2d's float32 rounding (1e-6, as between any two float32
 kernels) grows through the random network to score differences of 3e-5..9e-5 at 800x1216 against
 the demo's 1e-4 tolerance, whatever OFFSET_VARIATION is between 0 and 0.05.
+
+`mobilenet_faster_rcnn` is torchvision's `fasterrcnn_mobilenet_v3_large_fpn(weights=None,
+weights_backbone=None)` with its own settings (those of the trained model: short side 800, max
+1333, 1000 proposals per level before NMS and after, RPN score threshold 0.05, NMS 0.7 / 0.5, 100
+detections): a MobileNetV3-Large backbone (15 depthwise convolutions, 3x3 and 5x5, squeeze-and-
+excitation blocks), an FPN on its last two stages, both at stride 32, plus a pooled level; 15
+anchors per position; the box head as in the R50 model (two 1024-wide linear layers on 7x7 RoIs).
+Its package configurations run it through `torchvision_cpu_ext.optimize()` (run.py). The
+calibration is the one above, with these differences:
+- Batch norm: built without weights, torchvision gives the backbone nn.BatchNorm2d; with weights
+  it builds FrozenBatchNorm2d (eps 1e-5), which is what a user of the trained model runs, so
+  `build_model` swaps them in before step 1 (the weights the builder drew are kept).
+- Objectness: three levels (the two stride-32 maps and the pooled one) instead of five.
+- Box head: unchanged; but both RoI-pooled maps have stride 32, so MultiScaleRoIAlign sends every
+  RoI to the first one (`workload` reports them all as P5), and the model's RPN score threshold
+  (0.05 on the calibrated objectness) stays as torchvision sets it.
+
+`mobilenet_v3_large` is torchvision's classifier (weights=None, nn.BatchNorm2d as in a trained
+classifier, eval) behind `ImageClassifier`, which takes the demo's list of images (ImageNet
+normalisation, as the detectors' transform does) and returns logits. Calibration: step 1 on its
+batch norms, over a batch of CALIBRATION_BATCH seeded images (`calibration_input`); then the last
+linear layer is scaled so the logits have deviation CLASS_LOGIT_STD on that batch (a random
+classifier's logits are nearly zero). No RPN, no RoI heads.
 """
 
 from __future__ import annotations
@@ -50,14 +73,26 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet50
-from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models import mobilenet_v3_large, resnet50
+from torchvision.models.detection import FasterRCNN, MaskRCNN, fasterrcnn_mobilenet_v3_large_fpn
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import DeformConv2d, FrozenBatchNorm2d
 
 CANDIDATES_PER_IMAGE = 1000  # (box, class) pairs that reach the final NMS, per image
 CLASS_LOGIT_STD = 2.0
-KINDS = ("faster_rcnn", "mask_rcnn", "dcn_faster_rcnn")
+KINDS = ("faster_rcnn", "mask_rcnn", "dcn_faster_rcnn", "mobilenet_faster_rcnn", "mobilenet_v3_large")
+TITLES = {
+    "faster_rcnn": "Faster R-CNN R50-FPN",
+    "mask_rcnn": "Mask R-CNN R50-FPN",
+    "dcn_faster_rcnn": "Faster R-CNN R50-FPN, DCNv2 in res3-res5",
+    "mobilenet_faster_rcnn": "Faster R-CNN MobileNetV3-Large FPN",
+    "mobilenet_v3_large": "MobileNetV3-Large classifier",
+}
+CLASSIFIERS = ("mobilenet_v3_large",)  # logits out, no detections
+# The kinds whose package configurations run the model through torchvision_cpu_ext.optimize().
+OPTIMIZED = ("mobilenet_faster_rcnn", "mobilenet_v3_large")
+CALIBRATION_BATCH = 8  # images a classifier is calibrated on
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFORM_STAGES = ("layer2", "layer3", "layer4")  # res3-res5
 OFFSET_STD = 1.5  # pixels (of the layer's input): the deviation of the per-tap displacements
 OFFSET_VARIATION = 0.05  # pixels: the deviation over positions, per offset channel
@@ -137,12 +172,50 @@ class LevelCalibratedRPNHead(nn.Module):
         return logits, deltas
 
 
+class ImageClassifier(nn.Module):
+    """A classifier that takes the demo's list of [3, H, W] images in [0, 1] (as the detectors
+    do), normalises them as ImageNet models expect and returns the logits [N, classes]."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(-1, 1, 1))
+
+    def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
+        return self.net((torch.stack(images) - self.mean) / self.std)
+
+
+def frozen_batch_norms(module: nn.Module) -> None:
+    """Replaces every nn.BatchNorm2d in `module` by a FrozenBatchNorm2d with the same affine
+    parameters and statistics, and FrozenBatchNorm2d's eps (as torchvision builds a backbone that
+    is given weights)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            frozen_batch_norms(child)
+
+
 def build_model(kind: str = "faster_rcnn", seed: int = 0) -> nn.Module:
     """Faster R-CNN (or Mask R-CNN) R50-FPN, 91 COCO classes, random weights (uncalibrated);
-    `dcn_faster_rcnn`: Faster R-CNN with DCNv2 in res3-res5 (the module docstring)."""
+    `dcn_faster_rcnn`: Faster R-CNN with DCNv2 in res3-res5; `mobilenet_faster_rcnn`:
+    torchvision's Faster R-CNN MobileNetV3-Large FPN; `mobilenet_v3_large`: the classifier (the
+    module docstring)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     torch.manual_seed(seed)
+    if kind == "mobilenet_v3_large":
+        return ImageClassifier(mobilenet_v3_large(weights=None)).eval()
+    if kind == "mobilenet_faster_rcnn":
+        # torchvision's own settings for this model (rpn_score_thresh 0.05 included).
+        model = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None)
+        frozen_batch_norms(model.backbone)
+        model.rpn.head = LevelCalibratedRPNHead(model.rpn.head, levels=len(model.rpn.anchor_generator.sizes))
+        return model.eval()
     # trainable_layers=0 as in inference: every parameter frozen; FrozenBatchNorm2d as detectron2.
     backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), trainable_layers=0)
     settings = dict(
@@ -207,13 +280,14 @@ def _standardise_offsets(module: ModulatedDeformConv, inputs: tuple[torch.Tensor
 
 def normalise_frozen_batch_norms(backbone: nn.Module, run: Callable[[], object]) -> object:
     """Step 1: `run` (a forward of the backbone) with a pre-hook on every frozen batch norm
-    (torchvision's or detectron2's class) that sets its statistics to those of its input, just
-    before it normalises: in network order, so each layer sees already calibrated inputs. The
-    offset/mask convs of deformable convolutions are calibrated in the same pass, the same way."""
+    (torchvision's or detectron2's class, or an nn.BatchNorm2d in eval mode) that sets its
+    statistics to those of its input, just before it normalises: in network order, so each layer
+    sees already calibrated inputs. The offset/mask convs of deformable convolutions are
+    calibrated in the same pass, the same way."""
     hooks = [
         m.register_forward_pre_hook(_set_stats_to_input)
         for m in backbone.modules()
-        if type(m).__name__ == "FrozenBatchNorm2d"
+        if type(m).__name__ in ("FrozenBatchNorm2d", "BatchNorm2d")
     ] + [m.register_forward_pre_hook(_standardise_offsets) for m in deform_convs(backbone)]
     try:
         return run()
@@ -257,10 +331,27 @@ def calibrate_classifier(predictor: nn.Module, run: Callable[[], object], backgr
     return scores.topk(min(CANDIDATES_PER_IMAGE, scores.numel())).values[-1].item()
 
 
+def calibration_input(kind: str, height: int, width: int) -> torch.Tensor | list[torch.Tensor]:
+    """What `calibrate` takes for `kind`: one seeded image that no run times, or for a classifier
+    a list of CALIBRATION_BATCH of them (statistics over one image's 7x7 last maps would make every
+    channel alike there, and other images' logits a hundred times larger)."""
+    if kind in CLASSIFIERS:
+        return [synthetic_image(height, width, seed=1000 + i) for i in range(CALIBRATION_BATCH)]
+    return synthetic_image(height, width, seed=1000)
+
+
 @torch.no_grad()
-def calibrate(model: nn.Module, image: torch.Tensor) -> dict:
-    """Calibrates a `build_model` model on `image` (see the module docstring); returns what it set."""
+def calibrate(model: nn.Module, image: torch.Tensor | list[torch.Tensor]) -> dict:
+    """Calibrates a `build_model` model on `image` (see the module docstring; a classifier takes
+    a list of images, `calibration_input`); returns what it set."""
     model.eval()
+    if isinstance(model, ImageClassifier):
+        normalise_frozen_batch_norms(model.net, lambda: model(image))
+        last = model.net.classifier[-1]
+        factor = CLASS_LOGIT_STD / model(image).std()
+        last.weight.mul_(factor)
+        last.bias.mul_(factor)
+        return {"logit_scale": factor.item()}
     images, _ = model.transform([image])
     features = normalise_frozen_batch_norms(model.backbone, lambda: model.backbone(images.tensors))
     head: LevelCalibratedRPNHead = model.rpn.head
@@ -297,8 +388,11 @@ def _recording(model: nn.Module, work: Workload) -> Iterator[None]:
     def on_pool(module, inputs, output):
         boxes = inputs[1]
         levels = module.map_levels(boxes)
-        for i in range(len(module.featmap_names)):
-            work.rois_per_level[f"P{int(math.log2(1 / module.scales[i]))}"] = int((levels == i).sum())
+        work.rois_per_level.clear()
+        for i in range(len(module.scales)):  # the maps it found among featmap_names
+            # Summed per stride: the MobileNet FPN has two maps of stride 32 (all RoIs go to the first).
+            key = f"P{int(math.log2(1 / module.scales[i]))}"
+            work.rois_per_level[key] = work.rois_per_level.get(key, 0) + int((levels == i).sum())
 
     def on_predictor(module, inputs, output):
         scores = F.softmax(output[0].float(), -1)[:, 1:]
@@ -318,8 +412,29 @@ def _recording(model: nn.Module, work: Workload) -> Iterator[None]:
             h.remove()
 
 
-def workload(model: nn.Module, images: list[torch.Tensor]) -> tuple[Workload, list[dict]]:
-    """Runs the model once on `images` and reports what it did, with its detections."""
+@dataclass
+class ClassifierWorkload:
+    logit_std: float = 0.0  # over the batch's logits
+    top1: list[int] = field(default_factory=list)  # predicted class, per image
+
+    def line(self) -> str:
+        return f"logits of deviation {self.logit_std:.2f}; top-1 classes {self.top1}"
+
+
+def workload_line(kind: str, work: dict) -> str:
+    """`line()` of a workload saved as a dict (the JSON report)."""
+    return (ClassifierWorkload if kind in CLASSIFIERS else Workload)(**work).line()
+
+
+def workload(
+    model: nn.Module, images: list[torch.Tensor]
+) -> tuple[Workload | ClassifierWorkload, list[dict] | torch.Tensor]:
+    """Runs the model once on `images` and reports what it did, with its detections (a
+    classifier: its logits)."""
+    if isinstance(model, ImageClassifier):
+        with torch.inference_mode():
+            logits = model(images)
+        return ClassifierWorkload(logits.std().item(), logits.argmax(1).tolist()), logits
     work = Workload()
     with torch.inference_mode(), _recording(model, work):
         out = model(images)
