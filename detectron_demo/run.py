@@ -1,15 +1,18 @@
 """End-to-end detection benchmark: how much faster does a Faster R-CNN R50-FPN run on this CPU
 with torchvision_cpu_ext, channels_last and bfloat16 autocast?
 
-    python -m detectron_demo [--quick] [--model faster_rcnn|mask_rcnn|dcn_faster_rcnn] [--iters N] [--out DIR]
+    python -m detectron_demo [--quick] [--model KIND] [--iters N] [--out DIR]
+
+KIND: faster_rcnn (default), mask_rcnn, dcn_faster_rcnn, mobilenet_faster_rcnn, mobilenet_v3_large.
 
 One process times every configuration: stock torchvision (torchvision_cpu_ext.disable()) and
 the package (enable()), NCHW and channels_last, float32 and torch.autocast("cpu", bfloat16), at
 all threads and at 1 thread, batch 1 and 2. Calls are interleaved (each round runs every
 configuration once, in a seeded random order) so drift on a shared machine hits all of them alike;
 the table reports the median per configuration and its speedup over stock NCHW float32 of the
-same batch and thread count. It also checks that the package's detections equal stock ones,
-prints a torch.profiler breakdown before and after, and writes JSON.
+same batch and thread count, and of stock in the same layout and dtype. It also checks that the
+package's detections equal stock ones, prints a torch.profiler breakdown before and after (where
+the time goes: convolutions, linear layers, roi_align, nms, batch norm, the rest), and writes JSON.
 
 The model is built from torchvision's detection models with detectron2's test-time settings and
 random weights calibrated to behave like a trained detector (detectron_demo/model.py); the
@@ -17,6 +20,14 @@ workload line shows the proposals, RoIs per FPN level, NMS candidates and detect
 `--model dcn_faster_rcnn` has modulated deformable convolutions (DCNv2) in res3-res5; the report
 then adds what share of the op time torchvision::deform_conv2d takes, and how long the same
 layers take as deform_conv2d and as plain convolutions (F.conv2d on the same inputs and weights).
+
+`--model mobilenet_faster_rcnn` is torchvision's Faster R-CNN MobileNetV3-Large FPN (depthwise
+convolutions), `--model mobilenet_v3_large` the MobileNetV3-Large classifier (224x224, batch 1 and
+8 by default; its check compares logits instead of detections). For these two the package's
+configurations run the model through `torchvision_cpu_ext.optimize()` (depthwise convolutions on
+the package's op, batch norms folded into the convolutions, the layout; on a copy of the model,
+one per layout and dtype), so their float32 results equal stock ones within float rounding, not
+bit for bit.
 """
 
 from __future__ import annotations
@@ -40,6 +51,10 @@ import torchvision_cpu_ext  # first: it loads its kernels before torchvision is 
 from . import model as demo_model  # noqa: E402  (imports torchvision)
 
 ALL_THREADS = torch.get_num_threads()
+# The float32 check, package vs stock on the same input: detections one-to-one with boxes within
+# 0.01 px and scores within 1e-4; a classifier's logits (deviation 2, model.CLASS_LOGIT_STD) within
+# 1e-3. Float rounding, grown through the random network, stays well below these.
+TOLERANCES = {"box_tol": 1e-2, "score_tol": 1e-4, "logit_tol": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -56,17 +71,45 @@ class Config:
 BASELINE = Config("stock", "nchw", "fp32")
 EXT_FP32 = Config("ext", "channels_last", "fp32")
 DEFORM_OPS = ("torchvision::deform_conv2d", "torchvision_cpu_ext::_deform_conv2d_mixed")
+# Where the time goes (the profiles): each op goes to the category of its outermost call that has
+# one (an autocast rule or a fallback calls ops inside), so the categories do not overlap.
+CATEGORIES = {
+    "convolution (ATen)": ("aten::conv", "aten::_conv", "aten::mkldnn_conv", "aten::thnn_conv", "aten::_slow_conv"),
+    "depthwise convolution (package op)": ("torchvision_cpu_ext::depthwise_conv",),
+    "deform_conv2d": DEFORM_OPS,
+    "linear (box head, classifier)": ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul"),
+    "roi_align": ("torchvision::roi_align",),
+    "nms": ("torchvision::nms", "torchvision_cpu_ext::_batched_nms"),
+    "batch norm (ATen)": ("aten::batch_norm", "aten::_batch_norm", "aten::native_batch_norm"),
+    "FrozenBatchNorm2d (package op)": ("torchvision_cpu_ext::frozen_batch_norm",),
+}
 CONFIGS = [Config(i, lay, d) for d in ("fp32", "bf16") for lay in ("nchw", "channels_last") for i in ("stock", "ext")]
-# The 1-thread and batch-2 groups leave out NCHW under bf16 autocast (to keep the default run
-# to a few minutes; --all-configs runs it too): bf16 is only worth it channels_last.
+# The 1-thread and batch-2 groups of a detector leave out NCHW under bf16 autocast (to keep the
+# default run to a few minutes; --all-configs runs it too): bf16 is only worth it channels_last.
 CORE_CONFIGS = [c for c in CONFIGS if not (c.layout == "nchw" and c.dtype == "bf16")]
 
 
-class Runner:
-    """The model in both layouts, and the switches that make a configuration."""
+def optimized(model: torch.nn.Module, layout: str, dtype: str) -> torch.nn.Module:
+    """A copy of `model` through torchvision_cpu_ext.optimize() for the package's configuration
+    of `layout` and `dtype` (the model itself is left as it is: stock runs it)."""
+    return torchvision_cpu_ext.optimize(copy.deepcopy(model), channels_last=layout == "channels_last")
 
-    def __init__(self, model: torch.nn.Module) -> None:
+
+class Runner:
+    """The model in both layouts, and the switches that make a configuration. With `optimize`,
+    the package's configurations run their own copies of the model, through `optimized`."""
+
+    def __init__(self, model: torch.nn.Module, optimize: bool = False) -> None:
         self.models = {"nchw": model, "channels_last": copy.deepcopy(model).to(memory_format=torch.channels_last)}
+        self.optimized = {
+            (c.layout, c.dtype): optimized(model, c.layout, c.dtype) for c in CONFIGS if optimize and c.impl == "ext"
+        }
+
+    def model(self, cfg: Config) -> torch.nn.Module:
+        """The module `cfg` runs."""
+        if cfg.impl == "ext" and self.optimized:
+            return self.optimized[cfg.layout, cfg.dtype]
+        return self.models[cfg.layout]
 
     def select(self, cfg: Config, threads: int) -> None:
         """Sets the thread count and whose kernels run (outside any timed region)."""
@@ -77,7 +120,7 @@ class Runner:
         """One inference call of the selected configuration: what is timed and profiled."""
         amp = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.dtype == "bf16" else contextlib.nullcontext()
         with torch.inference_mode(), amp:
-            return self.models[cfg.layout](images)
+            return self.model(cfg)(images)
 
     def __call__(self, cfg: Config, images: list[torch.Tensor], threads: int) -> list[dict]:
         self.select(cfg, threads)
@@ -173,29 +216,55 @@ def compare_detections(ref: list[dict], out: list[dict]) -> dict:
     }
 
 
+def compare_logits(ref: torch.Tensor, out: torch.Tensor) -> dict:
+    """A classifier's logits against reference ones, per batch."""
+    diff = (ref.double() - out.double()).abs()
+    return {
+        "images": len(ref),
+        "logit_std": float(ref.double().std()),
+        "max_abs_logit": float(diff.max()),
+        "top1_equal": int((ref.argmax(1) == out.argmax(1)).sum()),
+    }
+
+
+def fp32_equal(row: dict, box_tol: float, score_tol: float, logit_tol: float) -> bool:
+    """The float32 check of a compare_detections or compare_logits row."""
+    if "max_abs_logit" in row:
+        return row["max_abs_logit"] <= logit_tol
+    return (
+        row["matched"] == row["detections_ref"] == row["detections"]
+        and row["max_abs_box_px"] <= box_tol
+        and row["max_abs_score"] <= score_tol
+    )
+
+
 def check_correctness(
-    run: Runner, images, threads: int, box_tol: float, score_tol: float, stock_bf16: bool = True
+    run: Runner,
+    images,
+    threads: int,
+    box_tol: float,
+    score_tol: float,
+    stock_bf16: bool = True,
+    logit_tol: float = TOLERANCES["logit_tol"],
 ) -> list[dict]:
     """The package against stock on the same input, per layout and dtype; bf16 is reported with
     the difference bf16 autocast itself makes in stock torchvision, for scale. Without
     `stock_bf16` (stock cannot run the model under bf16 autocast) the package's bf16 is compared
-    with stock float32 of the same layout."""
+    with stock float32 of the same layout. A classifier's logits are compared (`logit_tol`), a
+    detector's detections."""
     rows = []
     fp32_stock = run(BASELINE, images, threads)
+    compare = compare_logits if isinstance(fp32_stock, torch.Tensor) else compare_detections
     for layout in ("nchw", "channels_last"):
         for dtype in ("fp32", "bf16"):
             ref_dtype = dtype if stock_bf16 else "fp32"
             stock = run(Config("stock", layout, ref_dtype), images, threads)
             ext = run(Config("ext", layout, dtype), images, threads)
-            row = {"layout": layout, "dtype": dtype, **compare_detections(stock, ext)}
+            row = {"layout": layout, "dtype": dtype, **compare(stock, ext)}
             if dtype == "fp32":
-                row["ok"] = (
-                    row["matched"] == row["detections_ref"] == row["detections"]
-                    and row["max_abs_box_px"] <= box_tol
-                    and row["max_abs_score"] <= score_tol
-                )
+                row["ok"] = fp32_equal(row, box_tol, score_tol, logit_tol)
             elif stock_bf16:
-                row["stock_bf16_vs_stock_fp32"] = compare_detections(fp32_stock, stock)
+                row["stock_bf16_vs_stock_fp32"] = compare(fp32_stock, stock)
                 row["ok"] = None  # reported, not asserted (see the README)
             else:
                 row["reference"] = "stock fp32"
@@ -235,11 +304,26 @@ def profile(run: Runner, cfg: Config, images, threads: int, top: int) -> dict:
         us = sum(e.cpu_time_total for e in events if e.name.startswith(prefix) and top_level(e, prefix))
         return us / total_self
 
+    prefixes = {p: name for name, ps in CATEGORIES.items() for p in ps}
+
+    def category(name: str) -> str | None:
+        return next((c for p, c in prefixes.items() if name.startswith(p)), None)
+
+    categories = dict.fromkeys(CATEGORIES, 0.0)
+    for e in events:
+        c = category(e.name)
+        if c is not None and top_level(e, tuple(prefixes)):
+            categories[c] += e.cpu_time_total
     table = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)[:top]
     return {
         "config": asdict(cfg),
         "threads": threads,
+        "batch": len(images),
         "wall_s": wall,
+        "op_time_ms": total_self / 1e3,
+        # Inclusive ms of each category (the rest of the op time is other ops: elementwise,
+        # activations, copies, stock FrozenBatchNorm2d's arithmetic, ...).
+        "categories_ms": {k: v / 1e3 for k, v in categories.items()},
         # torchvision's ops, and the package's replacement of batched_nms's per-class loop.
         "torchvision_ops_share": share(("torchvision::", "torchvision_cpu_ext::_batched_nms")),
         "roi_align_share": share(("torchvision::roi_align",)),
@@ -359,16 +443,43 @@ def fmt_profile(p: dict) -> str:
     return "\n".join(lines)
 
 
+def fmt_where(profiles: list[dict]) -> str:
+    """Where the time goes: the categories' inclusive ms and share of the op time, per profile."""
+    heads = [" ".join(Config(**p["config"]).label.split()) + f", batch {p['batch']}" for p in profiles]
+    lines = [
+        "Where the time goes (torch.profiler, one call per configuration; ms of each category's outermost "
+        "calls, and their share of the op time, the sum of every op's self time):",
+        "",
+        "| category | " + " | ".join(heads) + " |",
+        "|---|" + "---|" * len(profiles),
+    ]
+    shown = [k for k in CATEGORIES if any(p["categories_ms"].get(k, 0) > 0 for p in profiles)]
+    for k in shown:
+        cells = [
+            f"{p['categories_ms'][k]:.1f} ({100 * p['categories_ms'][k] / p['op_time_ms']:.1f}%)" for p in profiles
+        ]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    rest = [p["op_time_ms"] - sum(p["categories_ms"][k] for k in shown) for p in profiles]
+    cells = [f"{r:.1f} ({100 * r / p['op_time_ms']:.1f}%)" for r, p in zip(rest, profiles, strict=True)]
+    lines.append("| other ops | " + " | ".join(cells) + " |")
+    lines.append("| op time | " + " | ".join(f"{p['op_time_ms']:.1f}" for p in profiles) + " |")
+    lines.append("| wall (profiled call) | " + " | ".join(f"{p['wall_s'] * 1e3:.1f}" for p in profiles) + " |")
+    return "\n".join(lines)
+
+
 def fmt_table(results: list[dict]) -> str:
     lines = [
-        "| batch | threads | implementation | layout | dtype | median s/iter | speedup vs stock NCHW fp32 |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | threads | implementation | layout | dtype | median s/iter | speedup vs stock NCHW fp32 "
+        "| vs stock, same layout and dtype |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         c = r["config"]
+        same = r.get("speedup_same_layout_dtype")
         lines.append(
             f"| {r['batch']} | {r['threads']} | {'torchvision_cpu_ext' if c['impl'] == 'ext' else 'stock torchvision'} "
-            f"| {c['layout']} | {c['dtype']} | {r['median_s']:.3f} | {r['speedup']:.2f}x |"
+            f"| {c['layout']} | {c['dtype']} | {r['median_s']:.3f} | {r['speedup']:.2f}x "
+            f"| {'' if same is None else f'{same:.2f}x'} |"
         )
     return "\n".join(lines)
 
@@ -394,15 +505,25 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--model", choices=list(demo_model.KINDS), default="faster_rcnn")
     ap.add_argument("--backend", choices=["torchvision", "detectron2"], default="torchvision")
-    ap.add_argument("--iters", type=int, default=None, help="timed rounds per group (default 5; --quick 1)")
+    ap.add_argument(
+        "--iters", type=int, default=None, help="timed rounds per group (default 5, a classifier 20; --quick 1)"
+    )
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds before them")
     ap.add_argument("--threads", type=int, nargs="+", default=None, help=f"thread counts (default {ALL_THREADS} and 1)")
     ap.add_argument(
-        "--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 2; batch 2 at all threads)"
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes (default 1 2, a classifier 1 8; the larger ones at all threads only)",
     )
-    ap.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="image size (default 800 1216)")
+    ap.add_argument(
+        "--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="image size (default 800 1216; 224 224)"
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
-    ap.add_argument("--all-configs", action="store_true", help="all 8 configurations in every group")
+    ap.add_argument(
+        "--all-configs", action="store_true", help="all 8 configurations in every group (a classifier: always)"
+    )
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     backend = demo_model
@@ -417,19 +538,25 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     quick = a.quick
-    h, w = a.size or ((320, 480) if quick else (800, 1216))
-    iters = a.iters or (1 if quick else 5)
+    classifier = a.model in demo_model.CLASSIFIERS
+    if classifier:
+        h, w = a.size or (224, 224)
+        iters = a.iters or (1 if quick else 20)
+        batches = a.batch or ([1] if quick else [1, 8])
+    else:
+        h, w = a.size or ((320, 480) if quick else (800, 1216))
+        iters = a.iters or (1 if quick else 5)
+        batches = a.batch or ([1] if quick else [1, 2])
     threads_list = a.threads or ([ALL_THREADS] if quick else sorted({ALL_THREADS, 1}, reverse=True))
-    batches = a.batch or ([1] if quick else [1, 2])
     t_start = time.time()
 
-    print(f"building {a.model} R50-FPN ({a.backend}, random weights) and calibrating it ...", flush=True)
+    print(f"building {demo_model.TITLES[a.model]} ({a.backend}, random weights) and calibrating it ...", flush=True)
     model = backend.build_model(a.model)
-    if quick and a.backend == "torchvision":  # small images for a smoke run: the resize follows them
+    if quick and a.backend == "torchvision" and not classifier:  # small images for a smoke run: the resize follows them
         model.transform.min_size, model.transform.max_size = (h,), max(h, w)
-    calibration = backend.calibrate(model, demo_model.synthetic_image(h, w, seed=1000))
+    calibration = backend.calibrate(model, demo_model.calibration_input(a.model, h, w))
     images = [demo_model.synthetic_image(h, w, seed=s) for s in range(max(batches))]
-    run = Runner(model)
+    run = Runner(model, optimize=a.model in demo_model.OPTIMIZED)
 
     workloads = {}
     for b in batches:
@@ -441,8 +568,9 @@ def main(argv: list[str] | None = None) -> dict:
     # and it has no CPU autocast rule): the deformable model's stock bf16 configurations are left out.
     deformable = bool(demo_model.deform_convs(model))
     runnable = [c for c in CONFIGS if not (deformable and c.impl == "stock" and c.dtype == "bf16")]
+    every = a.all_configs or classifier  # a classifier's calls are short: all 8 configurations in every group
     groups = [
-        (b, t, [c for c in (CONFIGS if (b, t) == (1, ALL_THREADS) or a.all_configs else CORE_CONFIGS) if c in runnable])
+        (b, t, [c for c in (CONFIGS if (b, t) == (1, ALL_THREADS) or every else CORE_CONFIGS) if c in runnable])
         for b in batches
         for t in threads_list
         if b == 1 or t == ALL_THREADS
@@ -454,6 +582,7 @@ def main(argv: list[str] | None = None) -> dict:
         base = statistics.median(samples[BASELINE])
         for cfg in configs:
             med = statistics.median(samples[cfg])
+            stock = samples.get(Config("stock", cfg.layout, cfg.dtype))
             results.append(
                 {
                     "batch": b,
@@ -462,21 +591,23 @@ def main(argv: list[str] | None = None) -> dict:
                     "median_s": med,
                     "samples_s": samples[cfg],
                     "speedup": base / med,
+                    "speedup_same_layout_dtype": statistics.median(stock) / med if stock else None,
                 }
             )
     bar.close()
 
-    print("checking detections (package vs stock, same input) ...", flush=True)
-    correctness = check_correctness(
-        run, images[:1], ALL_THREADS, box_tol=1e-2, score_tol=1e-4, stock_bf16=not deformable
-    )
+    print(f"checking {'logits' if classifier else 'detections'} (package vs stock, same input) ...", flush=True)
+    # A classifier's whole batch (cheap); a detector's first image.
+    check_images = images if classifier else images[:1]
+    correctness = check_correctness(run, check_images, ALL_THREADS, stock_bf16=not deformable, **TOLERANCES)
     profiles = [
-        profile(run, cfg, images[:1], ALL_THREADS, top=8 if quick else 12)
+        profile(run, cfg, check_images, ALL_THREADS, top=8 if quick else 12)
         for cfg in (
             [BASELINE, Config("ext", "channels_last", "bf16")] + ([EXT_FP32] if deformable else [])
             if quick
             else [
                 BASELINE,
+                Config("stock", "channels_last", "fp32"),
                 Config("stock", "channels_last", "bf16"),
                 Config("ext", "nchw", "fp32"),
                 EXT_FP32,
@@ -508,6 +639,8 @@ def main(argv: list[str] | None = None) -> dict:
             "warmup": a.warmup,
             "quick": quick,
             "calibration": calibration,
+            "optimize": a.model in demo_model.OPTIMIZED,
+            "tolerances": TOLERANCES,
             "info": info,
         },
         "workload": workloads,
@@ -530,7 +663,7 @@ def main(argv: list[str] | None = None) -> dict:
 def render(r: dict) -> str:
     m = r["meta"]
     lines = [
-        f"## {m['model']} R50-FPN, {m['image_size'][0]}x{m['image_size'][1]} images: "
+        f"## {m['model']}: {demo_model.TITLES[m['model']]}, {m['image_size'][0]}x{m['image_size'][1]} images: "
         "stock torchvision vs torchvision_cpu_ext",
         "",
         f"- CPU: {m['cpu']} ({m['all_threads']} threads), kernels {m['isa_variant']}; torch {m['torch']}, "
@@ -542,9 +675,21 @@ def render(r: dict) -> str:
             if m["quick"]
             else []
         ),
-        f"- calibration: box score threshold {m['calibration']['box_score_thresh']:.4f}",
+        (
+            f"- calibration: logits scaled by {m['calibration']['logit_scale']:.4g}"
+            if "logit_scale" in m["calibration"]
+            else f"- calibration: box score threshold {m['calibration']['box_score_thresh']:.4f}"
+        ),
+        *(
+            [
+                "- the package's configurations run the model through `torchvision_cpu_ext.optimize()` "
+                "(a copy per layout and dtype); stock runs it as built"
+            ]
+            if m.get("optimize")
+            else []
+        ),
     ]
-    lines += [f"- workload, batch {b}: " + demo_model.Workload(**w).line() for b, w in r["workload"].items()]
+    lines += [f"- workload, batch {b}: " + demo_model.workload_line(m["model"], w) for b, w in r["workload"].items()]
     lines += ["", fmt_table(r["results"]), ""]
     if any(c.get("reference") == "stock fp32" for c in r["correctness"]):
         lines += [
@@ -554,29 +699,69 @@ def render(r: dict) -> str:
             "with stock fp32 below.",
             "",
         ]
-    lines += ["Detections, package vs stock on the same image (fp32 must match; bf16 is reported):", ""]
-    lines.append(
-        "| layout | dtype | stock | package | matched | min IoU | max abs box diff (px) | max abs score diff | check |"
-    )
-    lines.append("|---|---|---|---|---|---|---|---|---|")
-    for c in r["correctness"]:
-        check = {True: "equal", False: "DIFFERENT", None: "reported"}[c["ok"]]
+    lines += [fmt_check(r["correctness"], m.get("tolerances", TOLERANCES)), ""]
+    if r.get("deform"):
+        lines += [fmt_deform(r), ""]
+    lines += [fmt_where(r["profiles"]), ""]
+    for p in r["profiles"]:
+        lines += [fmt_profile(p), ""]
+    return "\n".join(lines)
+
+
+def fmt_check(rows: list[dict], tol: dict) -> str:
+    """The correctness table, and the float32 margin: the largest difference over the tolerance."""
+    fp32 = [c for c in rows if c["dtype"] == "fp32"]
+    check = {True: "equal", False: "DIFFERENT", None: "reported"}
+    if "max_abs_logit" in rows[0]:
+        lines = [
+            f"Logits, package vs stock on the same {rows[0]['images']} image(s) (fp32 must match within "
+            f"{tol['logit_tol']:g}; bf16 is reported):",
+            "",
+            "| layout | dtype | logit deviation | max abs logit diff | top-1 equal | check |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in rows:
+            lines.append(
+                f"| {c['layout']} | {c['dtype']} | {c['logit_std']:.3g} | {c['max_abs_logit']:.2g} "
+                f"| {c['top1_equal']}/{c['images']} | {check[c['ok']]} |"
+            )
+        for c in rows:
+            if "stock_bf16_vs_stock_fp32" in c:
+                s = c["stock_bf16_vs_stock_fp32"]
+                lines.append(
+                    f"\nFor scale, {c['layout']}: stock bf16 autocast vs stock fp32: max abs logit diff "
+                    f"{s['max_abs_logit']:.2g}, top-1 equal {s['top1_equal']}/{s['images']}."
+                )
+        worst = max(c["max_abs_logit"] for c in fp32)
+        lines.append(
+            f"\nfloat32 margin: the largest logit difference is {worst / tol['logit_tol']:.2g} of the tolerance."
+        )
+        return "\n".join(lines)
+    lines = [
+        "Detections, package vs stock on the same image (fp32 must match; bf16 is reported):",
+        "",
+        "| layout | dtype | stock | package | matched | min IoU | max abs box diff (px) | max abs score diff | check |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in rows:
+        result = check[c["ok"]]
         if c.get("reference"):
-            check += f" (vs {c['reference']})"
+            result += f" (vs {c['reference']})"
         lines.append(
             f"| {c['layout']} | {c['dtype']} | {c['detections_ref']} | {c['detections']} | {c['matched']} "
-            f"| {c['min_iou']:.4f} | {c['max_abs_box_px']:.2g} | {c['max_abs_score']:.2g} | {check} |"
+            f"| {c['min_iou']:.4f} | {c['max_abs_box_px']:.2g} | {c['max_abs_score']:.2g} | {result} |"
         )
-    for c in r["correctness"]:
+    for c in rows:
         if "stock_bf16_vs_stock_fp32" in c:
             s = c["stock_bf16_vs_stock_fp32"]
             lines.append(
                 f"\nFor scale, {c['layout']}: stock bf16 autocast vs stock fp32 matches {s['matched']} of "
                 f"{s['detections_ref']} detections (max abs score diff {s['max_abs_score']:.2g})."
             )
-    lines.append("")
-    if r.get("deform"):
-        lines += [fmt_deform(r), ""]
-    for p in r["profiles"]:
-        lines += [fmt_profile(p), ""]
+    box = max(c["max_abs_box_px"] for c in fp32)
+    score = max(c["max_abs_score"] for c in fp32)
+    lines.append(
+        f"\nfloat32 margin: the largest score difference is {score / tol['score_tol']:.2g} of the tolerance "
+        f"({tol['score_tol']:g}), the largest box difference {box / tol['box_tol']:.2g} of it ({tol['box_tol']:g} px)."
+    )
     return "\n".join(lines)
