@@ -330,6 +330,51 @@ void plane_pass(const PlanePass<scalar_t>& p, int64_t N, bool serial) {
   });
 }
 
+// Unit-stride single rows (NCHW conv1d, and 2-D maps of one row) straight from the input: no
+// scratch, vectors over output positions whose taps all lie inside the row, the few border
+// positions tap by tap. A small conv1d is mostly this loop (NOTE, part 5).
+template <typename scalar_t>
+void row_pass(const PlanePass<scalar_t>& p, int64_t N, bool serial) {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t K = p.KW, L = p.Ws, OL = p.OW, M = p.out_planes / p.src_planes;
+  const int64_t lo = std::clamp<int64_t>(p.pw, 0, OL), hi = std::clamp<int64_t>(L + p.pw - (K - 1) * p.dw, lo, OL);
+  for_items(serial, N * p.out_planes, OL * K, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / p.out_planes, oc = row % p.out_planes;
+      const scalar_t* x = p.src + (n * p.src_planes + oc / M) * L - p.pw;  // x[ow + k * dw]: tap k
+      scalar_t* y = p.out + row * OL;
+      const acc_t* w = p.table + oc * K;
+      const acc_t init = p.bias ? p.bias[oc] : acc_t(0);
+      const auto border = [&](int64_t ow) {
+        acc_t a = init;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t i = ow - p.pw + k * p.dw;
+          if (i >= 0 && i < L) {
+            a += w[k] * static_cast<acc_t>(x[ow + k * p.dw]);
+          }
+        }
+        y[ow] = static_cast<scalar_t>(a);
+      };
+      for (int64_t ow = 0; ow < lo; ++ow) {
+        border(ow);
+      }
+      for (int64_t ow = lo; ow < hi; ow += V) {
+        const int64_t m = std::min(V, hi - ow);
+        Vec a(init);
+        for (int64_t k = 0; k < K; ++k) {
+          a = at::vec::fmadd(load_opmath(x + ow + k * p.dw, m), Vec(w[k]), a);
+        }
+        store_opmath(y + ow, a, m);
+      }
+      for (int64_t ow = hi; ow < OL; ++ow) {
+        border(ow);
+      }
+    }
+  });
+}
+
 // grad_weight [C * M, K] and grad_bias [C * M] of NCHW (NOTE, part 4).
 template <typename scalar_t>
 void plane_weight_grad(
@@ -1029,7 +1074,11 @@ void run_pass(
   } else if (path == Path::kPlanes) {
     PlanePass<scalar_t> p{src, src_channels, Hs, Ws, uh, uw, out, channels, OH, OW, g.KH, g.KW,
                           sh, sw, ph, pw, g.dh, g.dw, J, J > 1, table, b};
-    plane_pass(p, g.N, serial);
+    if (OH == 1 && Hs == 1 && g.KH == 1 && sw == 1 && uw == 1 && J == 1) {
+      row_pass(p, g.N, serial);
+    } else {
+      plane_pass(p, g.N, serial);
+    }
   } else {
     BlockPass<scalar_t> p{src, cl, src_channels, Hs, Ws, uh, uw, out, cl, channels, OH, OW, g.KH, g.KW, sh, sw, ph, pw,
                           g.dh, g.dw, J, M, table, div_ceil(channels, V) * V, b};
