@@ -161,3 +161,62 @@ def test_dcn_faster_rcnn():
     d = demo_run.compare_detections(stock, ext)
     assert d["detections_ref"] > 0 and d["matched"] == d["detections_ref"] == d["detections"], d
     assert d["max_abs_box_px"] <= 1e-2 and d["max_abs_score"] <= 1e-4, d
+
+
+@pytest.mark.needs_native  # compares with torchvision's kernels
+def test_mobilenet_faster_rcnn():
+    """torchvision's Faster R-CNN MobileNetV3-Large FPN: frozen batch norm as a user of its weights
+    gets, three calibrated objectness levels, full work on a small image, and the package's
+    configurations through optimize(): the depthwise convolutions run on the package's op, and the
+    float32 detections equal stock's within the demo's tolerances (batch norms folded: not bit for
+    bit)."""
+    from torch import nn
+    from torchvision.ops import FrozenBatchNorm2d
+
+    m = demo_model.build_model("mobilenet_faster_rcnn")
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in m.modules())
+    assert sum(isinstance(x, FrozenBatchNorm2d) for x in m.backbone.modules()) == 46
+    depthwise = [x for x in m.modules() if isinstance(x, nn.Conv2d) and x.groups == x.in_channels > 1]
+    assert len(depthwise) == 15 and {x.kernel_size for x in depthwise} == {(3, 3), (5, 5)}
+    assert m.rpn.head.scale.numel() == 3 and m.rpn.score_thresh == 0.05
+
+    size = (160, 224)
+    m.transform.min_size, m.transform.max_size = (size[0],), max(size)
+    demo_model.calibrate(m, demo_model.calibration_input("mobilenet_faster_rcnn", *size))
+    image = [demo_model.synthetic_image(*size, seed=0)]
+    work, _ = demo_model.workload(m, image)
+    assert work.proposals[0] >= 300 and work.rois_per_level == {"P5": work.proposals[0]}, work
+    assert work.detections == [100]
+
+    run = demo_run.Runner(m, optimize=True)
+    assert len(run.optimized) == 4 and run.model(demo_run.EXT_FP32) is not run.models["channels_last"]
+    threads = torch.get_num_threads()
+    stock = run(demo_run.BASELINE, image, threads)
+    for cfg in (demo_run.Config("ext", "nchw", "fp32"), demo_run.EXT_FP32):
+        d = demo_run.compare_detections(stock, run(cfg, image, threads))
+        assert demo_run.fp32_equal(d, **demo_run.TOLERANCES), (cfg, d)
+    before = demo_run.profile(run, demo_run.BASELINE, image, threads, top=4)["categories_ms"]
+    after = demo_run.profile(run, demo_run.EXT_FP32, image, threads, top=4)["categories_ms"]
+    for category in ("convolution (ATen)", "linear (box head, classifier)", "roi_align", "nms"):
+        assert before[category] > 0, (category, before)
+    assert before["depthwise convolution (package op)"] == 0
+    assert after["depthwise convolution (package op)"] > 0, after
+
+
+@pytest.mark.needs_native
+def test_mobilenet_v3_large(tmp_path):
+    """The classification row: logits of a calibrated deviation, the package (through optimize())
+    equal to stock within the logit tolerance in float32, at a batch of 2."""
+    argv = ["--model", "mobilenet_v3_large", "--quick", "--warmup", "0", "--batch", "2", "--size", "96", "96"]
+    report = demo_run.main([*argv, "--out", str(tmp_path), "--no-progress"])
+    assert report["meta"]["optimize"] and report["meta"]["image_size"] == [96, 96]
+    assert 0.5 < report["workload"][2]["logit_std"] < 8 and len(report["workload"][2]["top1"]) == 2
+    assert {r["batch"] for r in report["results"]} == {2} and len(report["results"]) == 8
+    fp32 = [c for c in report["correctness"] if c["dtype"] == "fp32"]
+    assert len(fp32) == 2 and all(c["ok"] and c["images"] == 2 for c in fp32), fp32
+    bf16 = [c for c in report["correctness"] if c["dtype"] == "bf16"]
+    assert all(0 < c["max_abs_logit"] < 2 for c in bf16), bf16  # ran under autocast, still the same model
+    stock, ours = (p["categories_ms"] for p in report["profiles"])
+    assert stock["convolution (ATen)"] > 0 and stock["depthwise convolution (package op)"] == 0
+    assert ours["depthwise convolution (package op)"] > 0, ours
+    assert stock["linear (box head, classifier)"] > 0
