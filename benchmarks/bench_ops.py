@@ -6,7 +6,10 @@ Every row times one op call with torch.utils.benchmark at a fixed, reported thre
 torchvision's kernel runs in the same process through torchvision_cpu_ext.disable(), and the
 configurations of a case (torchvision's and ours) are timed in turn, ROUNDS times each, a row
 being the median of its rounds' medians (interleaved_seconds). The speedup column is always
-against torchvision's fp32 NCHW kernel of the same case and direction. Writes JSON and a
+against torchvision's fp32 NCHW kernel of the same case and direction, but for depthwise_conv,
+which torchvision has no kernel of: its rows (bench_depthwise) are against ATen's eager
+F.conv1d/2d of the same layout and dtype, with torch.compile, ONNX Runtime and OpenVINO timed in
+the same rounds where they import, and an empty op of the same schema. Writes JSON and a
 markdown table (with the machine's CPU, ISA, versions and measured limits) to --out. Every row
 also carries `bytes` and `flops` (the model is WORK_MODEL below), which benchmarks/report.py
 places on a roofline. For deform_conv2d it also measures the extra peak memory of one call of
@@ -949,7 +952,8 @@ def dw_peer_config(peer: str, case: DwCase, x: torch.Tensor, w, b, threads: int)
     import openvino as ov
 
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-    req = ov.Core().compile_model(ov.Core().read_model(model), "CPU", config).create_infer_request()
+    core = ov.Core()
+    req = core.compile_model(core.read_model(model), "CPU", config).create_infer_request()
     return "req.infer(feed, share_inputs=True)", {"req": req, "feed": {0: feed}}
 
 
@@ -1186,7 +1190,9 @@ def markdown(meta: dict, rows: list[dict], memory: dict | None = None) -> str:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The arguments that choose what is run (shared with benchmarks/report.py)."""
-    ap.add_argument("--quick", action="store_true", help="P4 case only, short timing: a smoke run")
+    ap.add_argument(
+        "--quick", action="store_true", help="one or two cases per op (RoI ops: P4), short timing: a smoke run"
+    )
     ap.add_argument("--ops", nargs="+", default=list(ALL_OPS), help="ops to run (default: all)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timing per row")

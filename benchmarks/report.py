@@ -749,7 +749,9 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--from", dest="source", type=Path, default=None, help="ops.json of an earlier bench_ops run")
     ap.add_argument("--out", type=Path, default=HERE / "report", help="directory of the report")
-    ap.add_argument("--quick", action="store_true", help="P4 case only, short timing: a smoke run")
+    ap.add_argument(
+        "--quick", action="store_true", help="one or two cases per op (RoI ops: P4), short timing: a smoke run"
+    )
     ap.add_argument("--ops", nargs="+", default=None, help="ops to run (default: all)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timing per row")
