@@ -113,6 +113,9 @@ def test_names():
         "deform_tile_pixels",
         "deform_brgemm",
         "deform_serial_work",
+        "depthwise_serial_work",
+        "depthwise_band_bytes",
+        "depthwise_block_width",
     }
     with pytest.raises(ValueError, match="unknown debug thresholds"):
         with _debug.thresholds(no_such_threshold=1):

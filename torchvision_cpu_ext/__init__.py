@@ -11,7 +11,8 @@ import contextlib
 from collections.abc import Iterator
 
 from . import _loader, _registry
-from ._info import info
+from ._info import depthwise_path, info
+from .ops import depthwise_conv1d, depthwise_conv2d
 
 _LOADED = _loader.load()
 _registry.setup()
@@ -63,4 +64,15 @@ def loaded_library() -> _loader.Loaded:
     return _LOADED
 
 
-__all__ = ["disable", "disabled", "empty_cache", "enable", "info", "is_enabled", "loaded_library"]
+__all__ = [
+    "depthwise_conv1d",
+    "depthwise_conv2d",
+    "depthwise_path",
+    "disable",
+    "disabled",
+    "empty_cache",
+    "enable",
+    "info",
+    "is_enabled",
+    "loaded_library",
+]

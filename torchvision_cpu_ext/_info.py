@@ -71,6 +71,41 @@ def info() -> dict[str, Any]:
     }
 
 
+def depthwise_path(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+) -> str:
+    """Which path `torchvision_cpu_ext.ops.depthwise_conv1d/2d` takes for these tensors (their
+    shapes, dtype and layout) at the current thread count: small call or parallel, NCHW planes,
+    channels_last rows or channel blocks, vector lanes, the ISA variant. Meta tensors will do."""
+    dims = input.dim() - 2
+    if dims not in (1, 2):
+        raise ValueError(f"depthwise_path: input must be 3-D or 4-D, got {input.dim()}-D")
+
+    def ints(v: int | tuple[int, ...], name: str) -> list[int]:
+        out = [v] * dims if isinstance(v, int) else list(v)
+        if len(out) != dims:
+            raise ValueError(f"depthwise_path: {name} must have {dims} element(s), got {v!r}")
+        return out
+
+    if dims == 1:
+        cl = not input.is_contiguous() and input.transpose(1, 2).is_contiguous()
+    else:
+        cl = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+    return torch.ops.torchvision_cpu_ext._depthwise_path(
+        list(input.shape),
+        list(weight.shape),
+        ints(stride, "stride"),
+        ints(padding, "padding"),
+        ints(dilation, "dilation"),
+        input.dtype,
+        cl,
+    )
+
+
 def format_info(d: dict[str, Any]) -> str:
     mode = {
         "override": "overriding torchvision's CPU kernels",

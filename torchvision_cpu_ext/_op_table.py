@@ -182,6 +182,28 @@ OPS: tuple[Op, ...] = (
         module="deform_conv2d",
         bench=True,
     ),
+    # depthwise convolution: the package's own ops (no torchvision op), with a C++ autograd
+    # kernel; their fake kernels and autocast rules are ours; ops/depthwise_conv.py is the front end.
+    Op(
+        "depthwise_conv",
+        "depthwise_conv",
+        own=(
+            "depthwise_conv1d",
+            "depthwise_conv2d",
+            "_depthwise_conv1d_backward",
+            "_depthwise_conv2d_backward",
+            "_depthwise_path",
+        ),
+        fake=(
+            OWN + "depthwise_conv1d",
+            OWN + "depthwise_conv2d",
+            OWN + "_depthwise_conv1d_backward",
+            OWN + "_depthwise_conv2d_backward",
+        ),
+        autocast=(OWN + "depthwise_conv1d", OWN + "depthwise_conv2d"),
+        module="depthwise_conv",
+        bench=True,
+    ),
 )
 
 

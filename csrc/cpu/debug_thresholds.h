@@ -2,7 +2,7 @@
 // NOTE [ debug thresholds ]
 // The kernels choose between paths by size: streamed or cached stores, band heights, the
 // transposed or direct NCHW loop, the output pool, nms' radix sort and parallel suppression,
-// deform_conv2d's tiles, GEMM and threads.
+// deform_conv2d's tiles, GEMM and threads, depthwise_conv's threads and bands.
 // Left alone, a test reaches the large-size paths only with maps of tens of MB. Each size
 // decision reads its threshold through threshold() below, which returns the kernel's own value
 // unless a test has overridden it: torchvision_cpu_ext._debug.thresholds(**overrides), through
@@ -44,6 +44,12 @@ enum Threshold : int {
   kDeformBrgemm,
   // deform_conv2d: multiply-adds of a call below which it runs on one thread.
   kDeformSerialWork,
+  // depthwise_conv: multiply-adds of a call below which it runs on the calling thread.
+  kDepthwiseSerialWork,
+  // depthwise_conv NCHW: bytes of a band's scratch (its input rows and output rows).
+  kDepthwiseBandBytes,
+  // depthwise_conv NCHW 2-D: widest output rows that run as channel blocks (wider: planes).
+  kDepthwiseBlockWidth,
   kThresholdCount
 };
 
@@ -51,7 +57,8 @@ inline constexpr const char* kNames[kThresholdCount] = {
     "stream_grad_bytes",   "grad_band_bytes",  "roi_pool_band_bytes",
     "roi_pool_stream_bytes", "ps_roi_pool_group_bytes", "nchw_transpose",
     "output_pool_min_bytes", "nms_radix_min",  "nms_parallel_work", "deform_tile_pixels",
-    "deform_brgemm",         "deform_serial_work"};
+    "deform_brgemm",         "deform_serial_work", "depthwise_serial_work", "depthwise_band_bytes",
+    "depthwise_block_width"};
 
 // Each knob holds its override + 1; 0 (static zero initialisation) means "not overridden".
 inline std::atomic<int64_t>* knobs() {

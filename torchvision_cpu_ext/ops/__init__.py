@@ -14,6 +14,9 @@ import torch
 
 from .. import _op_table
 from . import _rules
+from .depthwise_conv import depthwise_conv1d, depthwise_conv2d
+
+__all__ = ["depthwise_conv1d", "depthwise_conv2d"]
 
 
 def modules() -> list[ModuleType]:

@@ -376,3 +376,89 @@ def autocast_deform_conv2d(
         return torch.ops.torchvision_cpu_ext._deform_conv2d_mixed(
             lower(input), lower(weight), autocast_cast(offset), autocast_cast(mask), lower(bias), *args
         )
+
+
+# --- depthwise_conv1d / depthwise_conv2d -----------------------------------------------------------
+
+
+def _depthwise_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _depthwise_layout(input: torch.Tensor) -> torch.memory_format | None:
+    """The layout the kernel runs in (csrc/cpu/depthwise_conv_kernel.cpp, channels_last()): for
+    conv1d, None (contiguous) or channels_last meaning [N, L, C]-strided."""
+    if input.dim() == 3:
+        cl = not input.is_contiguous() and input.transpose(1, 2).is_contiguous()
+        return torch.channels_last if cl else None
+    return suggest_memory_format(input)
+
+
+def _depthwise_empty(input: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """A new tensor in the layout the kernel returns: input's ([N, L, C]-strided for conv1d)."""
+    if input.dim() == 3:
+        if _depthwise_layout(input) == torch.channels_last:
+            return input.new_empty((shape[0], shape[2], shape[1])).transpose(1, 2)
+        return input.new_empty(shape)
+    return empty_like_layout(input, shape)
+
+
+def _depthwise_fake(op: str, dims: int):
+    def meta(input, weight, bias, stride, padding, dilation):
+        torch._check(input.dim() == dims + 2, lambda: f"{op}: input must be a {dims + 2}-D tensor, got {input.dim()}-D")
+        torch._check(
+            weight.dim() == dims + 2 and weight.size(1) == 1,
+            lambda: f"{op}: weight must have shape [C * M, 1, kernel...], got {list(weight.shape)}",
+        )
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None:
+                message = f"{op}: {name} must have the dtype of input, got input {input.dtype} and {name} {t.dtype}"
+                torch._check(t.dtype == input.dtype, lambda message=message: message)
+        spatial = [
+            _depthwise_out_size(input.size(2 + i), weight.size(2 + i), stride[i], padding[i], dilation[i])
+            for i in range(dims)
+        ]
+        return _depthwise_empty(input, [input.size(0), weight.size(0), *spatial])
+
+    meta.__name__ = f"meta_{op}"
+    return meta
+
+
+def _depthwise_backward_fake(op: str):
+    def meta(grad, input, weight, stride, padding, dilation, output_mask):
+        """grad_input in input's layout, grad_weight and grad_bias contiguous; None where masked."""
+        return (
+            _depthwise_empty(input, list(input.shape)) if output_mask[0] else None,
+            weight.new_empty(weight.shape) if output_mask[1] else None,
+            weight.new_empty(weight.size(0)) if output_mask[2] else None,
+        )
+
+    meta.__name__ = f"meta_{op.lstrip('_')}"
+    return meta
+
+
+def _depthwise_autocast(op: str):
+    def rule(input, weight, bias, stride, padding, dilation):
+        """As ATen's rule for convolutions: input, weight and bias in the autocast dtype (float64
+        tensors are left alone), so a bfloat16/float16 network stays in it."""
+        with torch._C._ExcludeDispatchKeyGuard(AUTOCAST_CPU_KEYS):
+            low = torch.get_autocast_dtype("cpu")
+
+            def lower(t: torch.Tensor | None) -> torch.Tensor | None:
+                if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+                    return t
+                return t.to(low)
+
+            return getattr(torch.ops.torchvision_cpu_ext, op)(
+                lower(input), lower(weight), lower(bias), stride, padding, dilation
+            )
+
+    rule.__name__ = f"autocast_{op}"
+    return rule
+
+
+for _dims in (1, 2):
+    _op = f"depthwise_conv{_dims}d"
+    fake(OWN + _op)(_depthwise_fake(_op, _dims))
+    fake(OWN + f"_{_op}_backward")(_depthwise_backward_fake(f"_{_op}_backward"))
+    autocast(OWN + _op)(_depthwise_autocast(_op))
