@@ -957,11 +957,22 @@ def dw_peer_config(peer: str, case: DwCase, x: torch.Tensor, w, b, threads: int)
     return "req.infer(feed, share_inputs=True)", {"req": req, "feed": {0: feed}}
 
 
+@functools.cache
 def dw_compiled(case: DwCase):
-    """torch.compile (Inductor, default mode, static shapes) of the case's F.conv1d/2d call."""
+    """torch.compile (Inductor, default mode, static shapes) of the case's F.conv1d/2d call: one
+    per case, its graphs (one per layout and dtype) compiled once for every thread count."""
     conv = torch.nn.functional.conv1d if case.dims == 1 else torch.nn.functional.conv2d
     s, p, c = case.stride, case.padding, case.shape[1]
     return torch.compile(lambda x, w, b: conv(x, w, b, s, p, 1, c), dynamic=False)
+
+
+def dw_path(case: DwCase, layout: str, dtype: torch.dtype) -> str:
+    """torchvision_cpu_ext.depthwise_path() of the case at the current thread count: which of our
+    paths its forward takes."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.empty(case.shape, dtype=dtype, device="meta").contiguous(memory_format=fmt)
+    w = torch.empty(case.weight_shape, dtype=dtype, device="meta")
+    return torchvision_cpu_ext.depthwise_path(x, w, case.stride, case.padding)
 
 
 def bench_depthwise(threads: int, min_time: float, cases=None, extras=DW_EXTRAS) -> list[dict]:
@@ -1099,6 +1110,8 @@ def _dw_rows(case: DwCase, direction: str, threads: int, labels: list[tuple], se
                 "call": DW_CALLS[impl].format(d=case.dims),
             }
         )
+        if impl.startswith("ours") and direction == "forward":
+            rows[-1]["path"] = dw_path(case, layout, dtype)
         print(
             f"  {impl:13s} {layout:13s} {rows[-1]['dtype']:8s} {threads}T {sec * 1e6:10.1f} us"
             f"  x{rows[-1]['speedup_vs_aten']:6.2f} vs ATen",

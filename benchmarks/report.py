@@ -552,6 +552,16 @@ def dw_roofline_table(rows: list[dict], limits: dict[str, float]) -> tuple[str, 
     return _table([*headers, "% copy BW"], body)
 
 
+def dw_paths_table(rows: list[dict]) -> tuple[str, str]:
+    """Which of our paths each forward row took (torchvision_cpu_ext.depthwise_path at its threads)."""
+    body = [
+        [r["case"], SHORT.get(r["layout"], r["layout"]), SHORT[r["dtype"]], str(r["threads"]), r["path"]]
+        for r in rows
+        if r.get("path") and r["impl"] in ("ours", "ours_module")
+    ]
+    return _table(["case", "layout", "dtype", "T", "path"], body)
+
+
 def plot_dw_speedup(rows: list[dict], path: Path) -> None:
     """Per direction, grouped bars (log scale) of the conv2d rows' speedup over ATen eager."""
     rows = [r for r in rows if r["layout"] != "ncl" and r["impl"] not in ("aten", "empty_op")]
@@ -585,6 +595,7 @@ def dw_section(rows: list[dict], meta: dict, limits: dict[str, float]) -> list[t
         ("conv2d forward", dw_conv2d_table(rows, "forward", limits)),
         ("conv2d backward (input and weight gradients)", dw_conv2d_table(rows, "backward", limits)),
         ("Roofline: the large rows against the copy bandwidth", dw_roofline_table(rows, limits)),
+        ("Our paths (`torchvision_cpu_ext.depthwise_path`)", dw_paths_table(rows)),
     ):
         parts += [("h3", title, title), ("table", *table)]
     return parts

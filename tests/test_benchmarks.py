@@ -247,7 +247,8 @@ def test_report_from_a_tiny_run(tmp_path, monkeypatch):
     assert line in md and md.index(line) > md.index("## deform_conv2d") and "Extra peak memory per call" in page
     # depthwise_conv's section: its goals, conv1d, conv2d and roofline tables, then all its rows.
     dw = md[md.index("## depthwise_conv") :]
-    titles = ["Goals (issue 19)", "conv1d, microseconds", "conv2d forward", "conv2d backward", "Roofline", "All rows"]
+    titles = ["Goals (issue 19)", "conv1d, microseconds", "conv2d forward", "conv2d backward", "Roofline", "Our paths"]
+    titles.append("All rows")
     assert [dw.index(f"### {t}") for t in titles] == sorted(dw.index(f"### {t}") for t in titles)
     assert "<h3>Goals (issue 19)</h3>" in page and "| depthwise_conv2d [2, 8, 7, 6] k3x3 s2 | CL | bf16 | 1 |" in dw
 
@@ -351,6 +352,8 @@ def test_bench_depthwise_runs():
         )
         assert r["ms"] > 0 and r["speedup_vs_aten"] == pytest.approx(aten / r["ms"], rel=1e-9)
         assert r["speedup_vs_torchvision_fp32_nchw"] is None and r["fastest"] in bench_ops.DW_CALLS
+        # Our forward rows name the path they took, as info's depthwise_path says.
+        assert ("path" in r) == (r["impl"].startswith("ours") and r["direction"] == "forward")
     # bytes: input + output + weights (+ bias) once each; the stride-2 map is 4 x 3.
     fwd = {(r["case"][:16], r["direction"], r["dtype"]): r for r in rows if r["layout"] != "channels_last"}
     assert fwd["depthwise_conv1d", "forward", "float32"]["bytes"] == (2 * 8 * 10 * 2 + 8 * 3 + 8) * 4
