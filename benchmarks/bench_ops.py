@@ -849,26 +849,27 @@ DW_CALLS = {
 }
 
 
-def dw_peer_versions() -> dict[str, str | None]:
-    """Each peer's version, None where it does not import."""
+def _version(module: str) -> str | None:
     import importlib
 
-    versions: dict[str, str | None] = {"torch.compile": torch.__version__}
-    for name in ("onnxruntime", "openvino"):
-        try:
-            versions[name] = importlib.import_module(name).__version__
-        except ImportError:
-            versions[name] = None
-    return versions
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return None
+
+
+def dw_peer_versions() -> dict[str, str | None]:
+    """Each peer's version, None where it cannot run: it does not import, or (ONNX Runtime and
+    OpenVINO) onnx, which torch's ONNX exporter needs, does not."""
+    onnx = _version("onnx")
+    return {"torch.compile": torch.__version__} | {p: onnx and _version(p) for p in ("onnxruntime", "openvino")}
 
 
 def dw_peer_notes() -> list[str]:
     """Why a peer's rows are missing from a run, for the report."""
-    return [
-        f"{name}: not installed, no rows (`pip install '.[peers]'` adds it)"
-        for name, version in dw_peer_versions().items()
-        if version is None
-    ]
+    missing = [name for name, version in dw_peer_versions().items() if version is None]
+    why = {name: "not installed" if _version(name) is None else "no onnx (the export needs it)" for name in missing}
+    return [f"{name}: {why[name]}, no rows (`pip install '.[peers]'` installs it)" for name in missing]
 
 
 @functools.cache
