@@ -59,7 +59,7 @@ fi
 # The per-op test files: one kernel each, so the ones every ISA variant runs.
 kernel_tests=(tests/test_roi_align.py tests/test_roi_pool.py tests/test_ps_roi_align.py tests/test_ps_roi_pool.py
   tests/test_nms.py tests/test_frozen_batch_norm.py tests/test_detectron2.py tests/test_box_iou_rotated.py
-  tests/test_quantized.py tests/test_paths.py tests/test_deform_conv2d.py)
+  tests/test_quantized.py tests/test_paths.py tests/test_deform_conv2d.py tests/test_depthwise_conv.py)
 
 run() {  # run NAME VENV CAPABILITY TESTS...  (then "--" and pytest's extra arguments)
   local name=$1 venv=$2 cap=$3 out="$log/$1.txt"

@@ -164,13 +164,17 @@ class OpTester:
     def check_forward(self, result: Any, expected: Any, args: tuple, dtype: torch.dtype, layout: str) -> None:
         out = self.output(result)
         assert out.dtype == dtype
-        assert out.is_contiguous(memory_format=expected_format(layout))
+        assert self.in_layout(out, layout)
         exp = self.output(expected)
         if self.exact:
             # Rounded to dtype first: bf16 cannot hold -FLT_MAX, say (it rounds to -inf).
             assert torch.equal(out.double(), exp.to(dtype).double())
         else:
             self.assert_close(out.double(), exp, equal_nan=self.equal_nan, **self.tol(dtype))
+
+    def in_layout(self, t: torch.Tensor, layout: str) -> bool:
+        """Whether an output or gradient is dense in `layout` (the layout the op returns)."""
+        return t.is_contiguous(memory_format=expected_format(layout))
 
     def default_params(self) -> dict[str, Any]:
         return {name: values[0] for name, values in self.params.items()}
@@ -231,11 +235,13 @@ class OpTester:
         in float64, rounded to grad_dtype, then given in the output's dtype)."""
         args = list(args)
         for i in self.grad_args:
-            args[i] = args[i].detach().requires_grad_()
+            if args[i] is not None:  # an optional tensor left out (no bias): its gradient is None
+                args[i] = args[i].detach().requires_grad_()
         result = self.op(*args)
         out = self.output(result)
         out.backward(seeded_randn(out.shape, grad_dtype or out.dtype).to(out.dtype))
-        return tuple(t.detach() for t in _tensors(result)), tuple(args[i].grad for i in self.grad_args)
+        grads = tuple(None if args[i] is None else args[i].grad for i in self.grad_args)
+        return tuple(t.detach() for t in _tensors(result)), grads
 
     # ---- the checks -----------------------------------------------------------------------
 
@@ -260,9 +266,9 @@ class OpTester:
                 self.assert_close(ours, theirs, equal_nan=self.equal_nan, **self.parity_tol(dtype))
         compared = self.parity_grad_args(backward_args)
         for i, ours, theirs in zip(self.grad_args, grads, tv_grads, strict=True):
-            if i in compared:
+            if i in compared and theirs is not None:
                 self.assert_close(ours, theirs, **self.parity_tol(dtype))
-        assert grads[0].is_contiguous(memory_format=expected_format(layout))
+        assert self.in_layout(grads[0], layout)
 
     def test_gradcheck(self, layout, op_kwargs):
         args = list(self.gradcheck_inputs(layout, **op_kwargs))
@@ -287,7 +293,7 @@ class OpTester:
         for grad, exp in zip(grads, expected, strict=True):
             assert grad.dtype == dtype
             self.assert_close(grad.double(), exp, **self.reduced_backward_tol(dtype))
-        assert grads[0].is_contiguous(memory_format=expected_format(layout))
+        assert self.in_layout(grads[0], layout)
 
     def test_backward_is_deterministic_across_threads(self, layout):
         args = self.deterministic_inputs(layout)

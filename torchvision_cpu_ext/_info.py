@@ -91,10 +91,9 @@ def depthwise_path(
             raise ValueError(f"depthwise_path: {name} must have {dims} element(s), got {v!r}")
         return out
 
-    if dims == 1:
-        cl = not input.is_contiguous() and input.transpose(1, 2).is_contiguous()
-    else:
-        cl = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+    from .ops._rules import depthwise_layout
+
+    cl = depthwise_layout(input) == torch.channels_last
     return torch.ops.torchvision_cpu_ext._depthwise_path(
         list(input.shape),
         list(weight.shape),

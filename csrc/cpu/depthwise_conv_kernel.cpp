@@ -941,8 +941,8 @@ void check_tensors(const Args& a, const at::Tensor& input, const at::Tensor& wei
 
 // Whether a call runs channels_last, and its input dense in that layout.
 bool channels_last(const Args& a, const at::Tensor& t) {
-  if (a.is1d) {  // [N, L, C]-strided: the conv1d form of channels_last
-    return !t.is_contiguous() && t.transpose(1, 2).is_contiguous();
+  if (a.is1d) {  // channels innermost ([N, L, C]-strided): the conv1d form of channels_last
+    return t.size(1) > 1 && t.size(2) > 1 && t.stride(1) < t.stride(2);
   }
   return detail::layout_of(a.op, t) == at::MemoryFormat::ChannelsLast;
 }

@@ -385,11 +385,11 @@ def _depthwise_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _depthwise_layout(input: torch.Tensor) -> torch.memory_format | None:
+def depthwise_layout(input: torch.Tensor) -> torch.memory_format | None:
     """The layout the kernel runs in (csrc/cpu/depthwise_conv_kernel.cpp, channels_last()): for
-    conv1d, None (contiguous) or channels_last meaning [N, L, C]-strided."""
+    conv1d, None (contiguous) or channels_last meaning channels innermost ([N, L, C]-strided)."""
     if input.dim() == 3:
-        cl = not input.is_contiguous() and input.transpose(1, 2).is_contiguous()
+        cl = input.size(1) > 1 and input.size(2) > 1 and input.stride(1) < input.stride(2)
         return torch.channels_last if cl else None
     return suggest_memory_format(input)
 
@@ -397,7 +397,7 @@ def _depthwise_layout(input: torch.Tensor) -> torch.memory_format | None:
 def _depthwise_empty(input: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """A new tensor in the layout the kernel returns: input's ([N, L, C]-strided for conv1d)."""
     if input.dim() == 3:
-        if _depthwise_layout(input) == torch.channels_last:
+        if depthwise_layout(input) == torch.channels_last:
             return input.new_empty((shape[0], shape[2], shape[1])).transpose(1, 2)
         return input.new_empty(shape)
     return empty_like_layout(input, shape)
