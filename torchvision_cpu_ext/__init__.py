@@ -3,6 +3,8 @@
 `import torchvision_cpu_ext` puts vectorized, parallel kernels (NCHW and channels_last, fp32,
 bf16, fp16) behind torchvision.ops.* and everything built on it. `disable()` / `enable()` switch
 back and forth in one process; TORCHVISION_CPU_EXT_OVERRIDE=0 imports without overriding.
+`optimize(model)` swaps a model's depthwise convolutions for the package's op and folds its frozen
+batch norms into the convolutions before them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ _registry.setup()
 if _registry.mode() == _registry.MODE_FALLBACK or _registry.env_wants_override():
     # In fallback mode torchvision has no kernels of its own: ours are the only ones.
     _registry.enable()
+
+from ._optimize import DepthwiseConv1d, DepthwiseConv2d, optimize  # noqa: E402  (needs the library loaded)
 
 
 def enable() -> None:
@@ -65,6 +69,8 @@ def loaded_library() -> _loader.Loaded:
 
 
 __all__ = [
+    "DepthwiseConv1d",
+    "DepthwiseConv2d",
     "depthwise_conv1d",
     "depthwise_conv2d",
     "depthwise_path",
@@ -75,4 +81,5 @@ __all__ = [
     "info",
     "is_enabled",
     "loaded_library",
+    "optimize",
 ]
