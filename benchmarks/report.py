@@ -552,6 +552,23 @@ def dw_roofline_table(rows: list[dict], limits: dict[str, float]) -> tuple[str, 
     return _table([*headers, "% copy BW"], body)
 
 
+def dw_fastest_table(rows: list[dict]) -> tuple[str, str]:
+    """Per case, direction and thread count, the fastest convolution in each dtype over every
+    impl and layout: which to use for a shape, and whether channels_last pays."""
+    best: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        kept = best[r["case"], r["direction"], r["threads"]]
+        if r["impl"] != "empty_op" and (r["dtype"] not in kept or r["ms"] < kept[r["dtype"]]["ms"]):
+            kept[r["dtype"]] = r
+    dtypes = [d for d in ("float32", "bfloat16") if any(d in b for b in best.values())]
+
+    def cell(r: dict | None) -> str:
+        return f"{r['impl']} {SHORT.get(r['layout'], r['layout'])} {_ms(r['ms'])} ms" if r else ""
+
+    body = [[case, d, str(t)] + [cell(b.get(dt)) for dt in dtypes] for (case, d, t), b in best.items()]
+    return _table(["case", "dir", "T"] + [f"fastest {SHORT[d]} (impl, layout, time)" for d in dtypes], body)
+
+
 def dw_paths_table(rows: list[dict]) -> tuple[str, str]:
     """Which of our paths each forward row took (torchvision_cpu_ext.depthwise_path at its threads)."""
     body = [
@@ -586,11 +603,14 @@ def dw_section(rows: list[dict], meta: dict, limits: dict[str, float]) -> list[t
         "case, direction, layout and dtype; 'fastest' names the fastest convolution of the row's layout and "
         "dtype (ONNX Runtime and OpenVINO run float32 NCHW input only). The empty op has the op's schema and a "
         "C++ kernel that only allocates the output: what binding, dispatch and allocation cost before any "
-        f"arithmetic. Peers: {versions or 'none'}. {notes}"
+        "arithmetic. The conv2d rows have no bias, as torchvision's MobileNet and EfficientNet depthwise layers "
+        "(a batch norm follows; optimize() folds it into a bias of C elements, which the rows leave out). "
+        f"Peers: {versions or 'none'}. {notes}"
     )
     parts = [("p", text, text), ("p", f"What each impl calls: {calls}", f"What each impl calls: {calls}")]
     for title, table in (
         ("Goals (issue 19)", dw_goals_table(rows, limits)),
+        ("Which is fastest for my shape", dw_fastest_table(rows)),
         ("conv1d, microseconds per call (x F.conv1d)", dw_conv1d_table(rows)),
         ("conv2d forward", dw_conv2d_table(rows, "forward", limits)),
         ("conv2d backward (input and weight gradients)", dw_conv2d_table(rows, "backward", limits)),

@@ -247,7 +247,8 @@ def test_report_from_a_tiny_run(tmp_path, monkeypatch):
     assert line in md and md.index(line) > md.index("## deform_conv2d") and "Extra peak memory per call" in page
     # depthwise_conv's section: its goals, conv1d, conv2d and roofline tables, then all its rows.
     dw = md[md.index("## depthwise_conv") :]
-    titles = ["Goals (issue 19)", "conv1d, microseconds", "conv2d forward", "conv2d backward", "Roofline", "Our paths"]
+    titles = ["Goals (issue 19)", "Which is fastest", "conv1d, microseconds", "conv2d forward", "conv2d backward"]
+    titles += ["Roofline", "Our paths"]
     titles.append("All rows")
     assert [dw.index(f"### {t}") for t in titles] == sorted(dw.index(f"### {t}") for t in titles)
     assert "<h3>Goals (issue 19)</h3>" in page and "| depthwise_conv2d [2, 8, 7, 6] k3x3 s2 | CL | bf16 | 1 |" in dw
@@ -432,5 +433,8 @@ def test_depthwise_report_tables():
     assert "| conv2d backward, vs ATen (geometric mean) | 2 | 2.00x over 1 rows; min 2.00x | >= 2x | yes |" in goals
     conv1d = report.dw_conv1d_table(rows)[0]
     assert "| c1 | 2 | 60.0 |  | 3.0 (20.00x) |  | 1.5 (50%) |  |  |  | ours |" in conv1d
+    fastest = report.dw_fastest_table(rows)[0]
+    assert "| a | forward | 2 | ours NCHW 0.100 ms | ours NCHW 0.400 ms |" in fastest
+    assert "| b | forward | 2 | ours CL 2.000 ms |  |" in fastest and "| c1 | forward | 2 | ours_module ncl" in fastest
     roofline = report.dw_roofline_table(rows, limits)[0]
     assert roofline.count("| b | forward | CL | fp32 | 2 |") == 2 and "| 2.097 | 2.000 | 21.0 | 105 |" in roofline
