@@ -15,6 +15,8 @@ from torch import Tensor, nn
 # Bound once: the forward calls the overloads directly, with no attribute lookups on torch.ops.
 _DW1D = torch.ops.torchvision_cpu_ext.depthwise_conv1d.default
 _DW2D = torch.ops.torchvision_cpu_ext.depthwise_conv2d.default
+# torch.func transforms (grad, vjp, vmap, ...): the op's C++ autograd kernel does not take them.
+_functorch_active = torch._C._are_functorch_transforms_active
 
 # The dtypes the op computes in (it casts under bfloat16/float16 autocast, as ATen's conv does).
 _OP_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16))
@@ -50,7 +52,7 @@ class DepthwiseConv1d(nn.Conv1d):
     float rounding); nn.Conv1d's forward for what the op does not take: non-CPU input, dtypes
     other than float32/float64/bfloat16/float16, unbatched input, an input dtype other than the
     weight's outside autocast, a weight or bias that is not a plain parameter (parametrized,
-    weight_norm), forward-mode AD and TorchScript (a scripted module runs nn.Conv1d's
+    weight_norm), forward-mode AD, torch.func transforms and TorchScript (a scripted module runs nn.Conv1d's
     forward). The op's arguments are computed when the module is built or swapped in: a stride,
     padding, dilation or padding_mode changed afterwards is not seen."""
 
@@ -71,6 +73,7 @@ class DepthwiseConv1d(nn.Conv1d):
                 and (dtype == params["weight"].dtype or torch.is_autocast_enabled("cpu"))
                 and dtype in _OP_DTYPES
                 and _fwAD._current_level < 0
+                and not _functorch_active()
             ):
                 pad = self._dw_pad
                 if pad is not None:
@@ -97,6 +100,7 @@ class DepthwiseConv2d(nn.Conv2d):
                 and (dtype == params["weight"].dtype or torch.is_autocast_enabled("cpu"))
                 and dtype in _OP_DTYPES
                 and _fwAD._current_level < 0
+                and not _functorch_active()
             ):
                 pad = self._dw_pad
                 if pad is not None:

@@ -330,6 +330,51 @@ void plane_pass(const PlanePass<scalar_t>& p, int64_t N, bool serial) {
   });
 }
 
+// Unit-stride single rows (NCHW conv1d, and 2-D maps of one row) straight from the input: no
+// scratch, vectors over output positions whose taps all lie inside the row, the few border
+// positions tap by tap. A small conv1d is mostly this loop (NOTE, part 5).
+template <typename scalar_t>
+void row_pass(const PlanePass<scalar_t>& p, int64_t N, bool serial) {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t K = p.KW, L = p.Ws, OL = p.OW, M = p.out_planes / p.src_planes;
+  const int64_t lo = std::clamp<int64_t>(p.pw, 0, OL), hi = std::clamp<int64_t>(L + p.pw - (K - 1) * p.dw, lo, OL);
+  for_items(serial, N * p.out_planes, OL * K, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / p.out_planes, oc = row % p.out_planes;
+      const scalar_t* x = p.src + (n * p.src_planes + oc / M) * L - p.pw;  // x[ow + k * dw]: tap k
+      scalar_t* y = p.out + row * OL;
+      const acc_t* w = p.table + oc * K;
+      const acc_t init = p.bias ? p.bias[oc] : acc_t(0);
+      const auto border = [&](int64_t ow) {
+        acc_t a = init;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t i = ow - p.pw + k * p.dw;
+          if (i >= 0 && i < L) {
+            a += w[k] * static_cast<acc_t>(x[ow + k * p.dw]);
+          }
+        }
+        y[ow] = static_cast<scalar_t>(a);
+      };
+      for (int64_t ow = 0; ow < lo; ++ow) {
+        border(ow);
+      }
+      for (int64_t ow = lo; ow < hi; ow += V) {
+        const int64_t m = std::min(V, hi - ow);
+        Vec a(init);
+        for (int64_t k = 0; k < K; ++k) {
+          a = at::vec::fmadd(load_opmath(x + ow + k * p.dw, m), Vec(w[k]), a);
+        }
+        store_opmath(y + ow, a, m);
+      }
+      for (int64_t ow = hi; ow < OL; ++ow) {
+        border(ow);
+      }
+    }
+  });
+}
+
 // grad_weight [C * M, K] and grad_bias [C * M] of NCHW (NOTE, part 4).
 template <typename scalar_t>
 void plane_weight_grad(
@@ -489,6 +534,71 @@ std::pair<FastRun<acc_t>, int64_t> fast_run(int64_t KW, int64_t sw, int64_t dw) 
   }
 }
 
+// fill_block for NCHW planes read in place (no spread): the band's source rows of the nc planes,
+// contiguous in each plane, transposed to pixels at once (whole 16 x 16 tiles, not one short row
+// at a time), then copied row by row into the padded scratch.
+template <typename scalar_t, typename acc_t = opmath_t<scalar_t>>
+void fill_block_planes(
+    const BlockPass<scalar_t>& p, int64_t n, int64_t c0, int64_t nc, int64_t j, int64_t oh0, int64_t rows_in, acc_t* in,
+    acc_t* stage, int64_t lo, int64_t hi) {
+  constexpr int64_t V = at::vec::Vectorized<acc_t>::size();
+  const int64_t Wp = p.Wp(), plane = p.Hs * p.Ws;
+  const int64_t v0 = oh0 * p.sh - p.ph;  // the source row of scratch row 0
+  const int64_t va = std::clamp<int64_t>(v0, 0, p.Hs), vb = std::clamp<int64_t>(v0 + rows_in, va, p.Hs);
+  const int64_t count = (vb - va) * p.Ws;
+  acc_t* pixels = stage;  // [count][V]
+  if (count > 0) {
+    // float planes a fixed stride apart transpose in place; others are staged in acc_t first.
+    const int64_t stride = p.J > 1 ? p.J * plane : (p.M == 1 ? plane : 0);
+    const acc_t* planes = nullptr;
+    int64_t ld = 0;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (stride != 0) {
+        planes = p.src + (n * p.src_channels + p.source_of(c0, j)) * plane + va * p.Ws;
+        ld = stride;
+      }
+    }
+    if (planes == nullptr) {
+      acc_t* lanes = stage + count * V;  // [nc][count]
+      for (int64_t l = 0; l < nc; ++l) {
+        const scalar_t* s = p.src + (n * p.src_channels + p.source_of(c0 + l, j)) * plane + va * p.Ws;
+        int64_t i = 0;
+        for (; i + V <= count; i += V) {
+          load_opmath(s + i, V).store(lanes + l * count + i);
+        }
+        if (i < count) {
+          load_opmath(s + i, count - i).store(lanes + l * count + i, count - i);
+        }
+      }
+      planes = lanes;
+      ld = count;
+    }
+    if (nc < V) {
+      std::fill_n(pixels, count * V, acc_t(0));
+    }
+    if constexpr (std::is_same_v<acc_t, float>) {
+      at::vec::transpose_mxn<float>(planes, ld, pixels, V, static_cast<int>(nc), static_cast<int>(count));
+    } else {
+      for (int64_t l = 0; l < nc; ++l) {
+        for (int64_t i = 0; i < count; ++i) {
+          pixels[i * V + l] = planes[l * ld + i];
+        }
+      }
+    }
+  }
+  for (int64_t q = 0; q < rows_in; ++q) {
+    acc_t* dst = in + q * Wp * V;
+    const int64_t v = v0 + q;
+    if (v < 0 || v >= p.Hs) {
+      std::fill_n(dst, Wp * V, acc_t(0));
+      continue;
+    }
+    std::fill_n(dst, lo * V, acc_t(0));
+    std::copy_n(pixels + ((v - va) * p.Ws + lo - p.pw) * V, (hi - lo) * V, dst + lo * V);
+    std::fill_n(dst + hi * V, (Wp - hi) * V, acc_t(0));
+  }
+}
+
 // Fills the block scratch: rows_in rows of Wp pixels x V lanes of block [c0, c0 + nc) at step j,
 // for output rows from oh0; lanes past nc and the padding are zero.
 template <typename scalar_t, typename acc_t = opmath_t<scalar_t>>
@@ -500,6 +610,10 @@ void fill_block(
   const int64_t Wp = p.Wp();
   // Source columns of scratch pixels t = u * col + pw (u == 1: a contiguous run [lo, hi)).
   const int64_t lo = std::clamp<int64_t>(p.pw, 0, Wp), hi = std::clamp<int64_t>(p.pw + p.Ws, lo, Wp);
+  if (!p.src_cl && p.uw == 1 && p.uh == 1) {
+    fill_block_planes(p, n, c0, nc, j, oh0, rows_in, in, stage, lo, hi);
+    return;
+  }
   for (int64_t q = 0; q < rows_in; ++q) {
     acc_t* dst = in + q * Wp * V;
     const int64_t v = oh0 * p.sh + q - p.ph;  // the virtual source row
@@ -596,7 +710,8 @@ void block_pass(const BlockPass<scalar_t>& p, int64_t N, bool serial) {
     // The scratch's rows, then the slack the last run of a row reads past its end.
     const int64_t slack = (run * p.sw + p.KW) * V;
     acc_t* in = scratch<acc_t>(1, p.rows_in(B) * Wp * V + slack);
-    acc_t* acc = scratch<acc_t>(2, B * p.OW * V + V * std::max(Wp, p.OW));  // output rows, then the stage
+    // The output rows, then the stage (fill_block_planes' pixels and lanes, or rounded output).
+    acc_t* acc = scratch<acc_t>(2, B * p.OW * V + V * (2 * p.rows_in(B) * p.Ws + B * p.OW + Wp + p.OW));
     acc_t* stage = acc + B * p.OW * V;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t band = item % bands, cb = (item / bands) % blocks, n = item / bands / blocks;
@@ -628,33 +743,26 @@ void block_pass(const BlockPass<scalar_t>& p, int64_t N, bool serial) {
           }
         }
       } else {
-        const int64_t HW = p.OH * p.OW;
+        // The band's rows are contiguous in each plane: one transpose of rows * OW pixels.
+        const int64_t HW = p.OH * p.OW, count = rows * p.OW;
         scalar_t* dst = p.out + (n * p.channels + c0) * HW + oh0 * p.OW;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          for (int64_t b = 0; b < rows; ++b) {  // row b of nc planes, plane stride HW
-            const acc_t* src = acc + b * p.OW * V;
-            if constexpr (std::is_same_v<acc_t, float>) {
-              at::vec::transpose_mxn<float>(src, V, dst + b * p.OW, HW, static_cast<int>(p.OW), static_cast<int>(nc));
-            } else {
-              for (int64_t l = 0; l < nc; ++l) {
-                for (int64_t ow = 0; ow < p.OW; ++ow) {
-                  dst[l * HW + b * p.OW + ow] = src[ow * V + l];
-                }
-              }
+        if constexpr (!std::is_same_v<acc_t, float>) {
+          for (int64_t l = 0; l < nc; ++l) {
+            for (int64_t i = 0; i < count; ++i) {
+              dst[l * HW + i] = static_cast<scalar_t>(acc[i * V + l]);
             }
           }
+        } else if constexpr (std::is_same_v<scalar_t, float>) {
+          at::vec::transpose_mxn<float>(acc, V, dst, HW, static_cast<int>(count), static_cast<int>(nc));
         } else {
-          for (int64_t b = 0; b < rows; ++b) {  // transposed into the stage, then rounded per plane row
-            at::vec::transpose_mxn<float>(acc + b * p.OW * V, V, stage, p.OW, static_cast<int>(p.OW), static_cast<int>(nc));
-            for (int64_t l = 0; l < nc; ++l) {
-              scalar_t* d = dst + l * HW + b * p.OW;
-              int64_t i = 0;
-              for (; i + V <= p.OW; i += V) {
-                store_opmath(d + i, Vec::loadu(stage + l * p.OW + i), V);
-              }
-              if (i < p.OW) {
-                store_opmath(d + i, Vec::loadu(stage + l * p.OW + i, p.OW - i), p.OW - i);
-              }
+          at::vec::transpose_mxn<float>(acc, V, stage, count, static_cast<int>(count), static_cast<int>(nc));
+          for (int64_t l = 0; l < nc; ++l) {
+            int64_t i = 0;
+            for (; i + V <= count; i += V) {
+              store_opmath(dst + l * HW + i, Vec::loadu(stage + l * count + i), V);
+            }
+            if (i < count) {
+              store_opmath(dst + l * HW + i, Vec::loadu(stage + l * count + i, count - i), count - i);
             }
           }
         }
@@ -1029,7 +1137,11 @@ void run_pass(
   } else if (path == Path::kPlanes) {
     PlanePass<scalar_t> p{src, src_channels, Hs, Ws, uh, uw, out, channels, OH, OW, g.KH, g.KW,
                           sh, sw, ph, pw, g.dh, g.dw, J, J > 1, table, b};
-    plane_pass(p, g.N, serial);
+    if (OH == 1 && Hs == 1 && g.KH == 1 && sw == 1 && uw == 1 && J == 1) {
+      row_pass(p, g.N, serial);
+    } else {
+      plane_pass(p, g.N, serial);
+    }
   } else {
     BlockPass<scalar_t> p{src, cl, src_channels, Hs, Ws, uh, uw, out, cl, channels, OH, OW, g.KH, g.KW, sh, sw, ph, pw,
                           g.dh, g.dw, J, M, table, div_ceil(channels, V) * V, b};
@@ -1258,6 +1370,20 @@ class DepthwiseFunction : public torch::autograd::Function<DepthwiseFunction<kIs
   }
 };
 
+// The backward ops' autograd kernel: their outputs are the forward's gradients; a gradient of
+// them (double backward, create_graph=True) is not implemented, and says so when one would be
+// recorded rather than giving zeros later.
+template <bool kIs1d>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> autograd_backward(
+    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, std::array<bool, 3> mask) {
+  const bool recording = at::GradMode::is_enabled() && (grad.requires_grad() || input.requires_grad() || weight.requires_grad());
+  TORCH_CHECK(!recording, kIs1d ? "_depthwise_conv1d_backward" : "_depthwise_conv2d_backward",
+              ": double backward (differentiating the gradient, e.g. create_graph=True) is not implemented");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return tvce::backward(kIs1d ? k1dBwd : k2dBwd, grad, input, weight, stride, padding, dilation, mask);
+}
+
 template <bool kIs1d>
 at::Tensor autograd_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -1292,4 +1418,6 @@ TORCH_LIBRARY_IMPL(torchvision_cpu_ext, CPU, m) {
 TORCH_LIBRARY_IMPL(torchvision_cpu_ext, Autograd, m) {
   m.impl("depthwise_conv1d", TORCH_FN(tvce::autograd_forward<true>));
   m.impl("depthwise_conv2d", TORCH_FN(tvce::autograd_forward<false>));
+  m.impl("_depthwise_conv1d_backward", TORCH_FN(tvce::autograd_backward<true>));
+  m.impl("_depthwise_conv2d_backward", TORCH_FN(tvce::autograd_backward<false>));
 }
