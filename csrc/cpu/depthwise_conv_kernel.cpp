@@ -1334,6 +1334,19 @@ std::string depthwise_path(
 // ---- autograd (NOTE: registration) -----------------------------------------------------------
 
 template <bool kIs1d>
+const auto& backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(
+              kIs1d ? "torchvision_cpu_ext::_depthwise_conv1d_backward" : "torchvision_cpu_ext::_depthwise_conv2d_backward",
+              "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+              at::IntArrayRef, std::array<bool, 3>)>();
+  return op;
+}
+
+template <bool kIs1d>
 class DepthwiseFunction : public torch::autograd::Function<DepthwiseFunction<kIs1d>> {
  public:
   static at::Tensor forward(
@@ -1353,12 +1366,7 @@ class DepthwiseFunction : public torch::autograd::Function<DepthwiseFunction<kIs
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow(kIs1d ? "torchvision_cpu_ext::_depthwise_conv1d_backward" : "torchvision_cpu_ext::_depthwise_conv2d_backward", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                                  at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                                                                  std::array<bool, 3>)>();
+    const auto& op = backward_op<kIs1d>();
     const auto saved = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["bias"].toBool();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
@@ -1380,8 +1388,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> autograd_backward(
   const bool recording = at::GradMode::is_enabled() && (grad.requires_grad() || input.requires_grad() || weight.requires_grad());
   TORCH_CHECK(!recording, kIs1d ? "_depthwise_conv1d_backward" : "_depthwise_conv2d_backward",
               ": double backward (differentiating the gradient, e.g. create_graph=True) is not implemented");
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return tvce::backward(kIs1d ? k1dBwd : k2dBwd, grad, input, weight, stride, padding, dilation, mask);
+  at::AutoDispatchBelowADInplaceOrView guard;  // on to the backend kernel (or a fake one when traced)
+  return backward_op<kIs1d>().call(grad, input, weight, stride, padding, dilation, mask);
 }
 
 template <bool kIs1d>
