@@ -1123,10 +1123,14 @@ std::pair<const opmath_t<scalar_t>*, const opmath_t<scalar_t>*> tables(
   acc_t* t = scratch<acc_t>(0, size + Cpad);
   acc_t* b = t + size;
   std::fill_n(t, size + Cpad, acc_t(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t v = static_cast<acc_t>(wp[r * K + (flip ? K - 1 - k : k)]);
-      (blocked ? t[((r % J) * K + k) * Cpad + r / J] : t[r * K + k]) = v;
+  for (int64_t j = 0; j < (blocked ? J : 1); ++j) {
+    for (int64_t c = 0; c < (blocked ? rows / J : rows); ++c) {
+      const scalar_t* src = wp + (blocked ? c * J + j : c) * K;  // weight row c * J + j (or c)
+      acc_t* dst = blocked ? t + j * K * Cpad + c : t + c * K;
+      const int64_t step = blocked ? Cpad : 1;
+      for (int64_t k = 0; k < K; ++k) {
+        dst[k * step] = static_cast<acc_t>(src[flip ? K - 1 - k : k]);
+      }
     }
   }
   if (!bias) {
