@@ -338,38 +338,64 @@ void row_pass(const PlanePass<scalar_t>& p, int64_t N, bool serial) {
   using acc_t = opmath_t<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const int64_t K = p.KW, L = p.Ws, OL = p.OW, M = p.out_planes / p.src_planes;
-  const int64_t lo = std::clamp<int64_t>(p.pw, 0, OL), hi = std::clamp<int64_t>(L + p.pw - (K - 1) * p.dw, lo, OL);
-  for_items(serial, N * p.out_planes, OL * K, [&](int64_t begin, int64_t end) {
+  const int64_t K = p.KW, L = p.Ws, OL = p.OW, dw = p.dw, M = p.out_planes / p.src_planes;
+  // Output positions whose taps all lie inside the row: [lo, hi).
+  const int64_t lo = std::clamp<int64_t>(p.pw, 0, OL), hi = std::clamp<int64_t>(L + p.pw - (K - 1) * dw, lo, OL);
+  const int64_t pw = p.pw, planes = p.out_planes, src_planes = p.src_planes;
+  const scalar_t* const source = p.src;
+  scalar_t* const out = p.out;
+  const acc_t* const table = p.table;
+  const acc_t* const bias = p.bias;
+  for_items(serial, N * planes, OL * K, [=](int64_t begin, int64_t end) {
+    int64_t oc = begin % planes;
+    const scalar_t* src = source + (begin / planes * src_planes + oc / M) * L - pw;
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / p.out_planes, oc = row % p.out_planes;
-      const scalar_t* x = p.src + (n * p.src_planes + oc / M) * L - p.pw;  // x[ow + k * dw]: tap k
-      scalar_t* y = p.out + row * OL;
-      const acc_t* w = p.table + oc * K;
-      const acc_t init = p.bias ? p.bias[oc] : acc_t(0);
-      const auto border = [&](int64_t ow) {
-        acc_t a = init;
+      const scalar_t* x = src;  // x[ow + k * dw]: tap k of output ow
+      scalar_t* y = out + row * OL;
+      const acc_t* w = table + oc * K;
+      const acc_t init = bias ? bias[oc] : acc_t(0);
+      int64_t ow = lo;
+      for (; ow + 4 * V <= hi; ow += 4 * V) {  // four independent sums hide the FMA latency
+        Vec a0(init), a1(init), a2(init), a3(init);
         for (int64_t k = 0; k < K; ++k) {
-          const int64_t i = ow - p.pw + k * p.dw;
-          if (i >= 0 && i < L) {
-            a += w[k] * static_cast<acc_t>(x[ow + k * p.dw]);
-          }
+          const Vec wk(w[k]);
+          const scalar_t* xk = x + ow + k * dw;
+          a0 = at::vec::fmadd(load_opmath(xk, V), wk, a0);
+          a1 = at::vec::fmadd(load_opmath(xk + V, V), wk, a1);
+          a2 = at::vec::fmadd(load_opmath(xk + 2 * V, V), wk, a2);
+          a3 = at::vec::fmadd(load_opmath(xk + 3 * V, V), wk, a3);
         }
-        y[ow] = static_cast<scalar_t>(a);
-      };
-      for (int64_t ow = 0; ow < lo; ++ow) {
-        border(ow);
+        store_opmath(y + ow, a0, V), store_opmath(y + ow + V, a1, V);
+        store_opmath(y + ow + 2 * V, a2, V), store_opmath(y + ow + 3 * V, a3, V);
       }
-      for (int64_t ow = lo; ow < hi; ow += V) {
+      for (; ow < hi; ow += V) {
         const int64_t m = std::min(V, hi - ow);
         Vec a(init);
         for (int64_t k = 0; k < K; ++k) {
-          a = at::vec::fmadd(load_opmath(x + ow + k * p.dw, m), Vec(w[k]), a);
+          a = at::vec::fmadd(load_opmath(x + ow + k * dw, m), Vec(w[k]), a);
         }
         store_opmath(y + ow, a, m);
       }
-      for (int64_t ow = hi; ow < OL; ++ow) {
-        border(ow);
+      const auto border = [&](int64_t from, int64_t to) {  // tap by tap
+        for (int64_t ow = from; ow < to; ++ow) {
+          acc_t a = init;
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t i = ow - pw + k * dw;
+            if (i >= 0 && i < L) {
+              a += w[k] * static_cast<acc_t>(x[ow + k * dw]);
+            }
+          }
+          y[ow] = static_cast<scalar_t>(a);
+        }
+      };
+      border(0, lo);
+      border(hi, OL);
+      // The next row: the next output channel, and its source plane.
+      if (++oc == planes) {
+        oc = 0;
+        src += L;  // the next image's first plane follows this image's last
+      } else if (oc % M == 0) {
+        src += L;
       }
     }
   });
@@ -1097,18 +1123,23 @@ std::pair<const opmath_t<scalar_t>*, const opmath_t<scalar_t>*> tables(
   acc_t* t = scratch<acc_t>(0, size + Cpad);
   acc_t* b = t + size;
   std::fill_n(t, size + Cpad, acc_t(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t v = static_cast<acc_t>(wp[r * K + (flip ? K - 1 - k : k)]);
-      (blocked ? t[((r % J) * K + k) * Cpad + r / J] : t[r * K + k]) = v;
+  for (int64_t j = 0; j < (blocked ? J : 1); ++j) {
+    for (int64_t c = 0; c < (blocked ? rows / J : rows); ++c) {
+      const scalar_t* src = wp + (blocked ? c * J + j : c) * K;  // weight row c * J + j (or c)
+      acc_t* dst = blocked ? t + j * K * Cpad + c : t + c * K;
+      const int64_t step = blocked ? Cpad : 1;
+      for (int64_t k = 0; k < K; ++k) {
+        dst[k * step] = static_cast<acc_t>(src[flip ? K - 1 - k : k]);
+      }
     }
   }
   if (!bias) {
     return {t, nullptr};
   }
   const at::Tensor bc = bias->contiguous();
+  const scalar_t* bp = bc.const_data_ptr<scalar_t>();
   for (int64_t r = 0; r < rows; ++r) {
-    b[r] = static_cast<acc_t>(bc.const_data_ptr<scalar_t>()[r]);
+    b[r] = static_cast<acc_t>(bp[r]);
   }
   return {t, b};
 }
