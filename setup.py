@@ -105,7 +105,9 @@ setup(
     packages=find_packages(include=["torchvision_cpu_ext", "torchvision_cpu_ext.*"]),
     python_requires=">=3.11",
     install_requires=["torch", "torchvision", "ninja", "numpy"],
-    extras_require={"test": ["pytest", "hypothesis", "expecttest"]},
+    # peers: the other CPU runtimes benchmarks/bench_ops.py times depthwise_conv against (the
+    # TorchScript ONNX exporter needs onnx); the benchmark skips, with a note, those not installed.
+    extras_require={"test": ["pytest", "hypothesis", "expecttest"], "peers": ["onnx", "onnxruntime", "openvino"]},
     ext_modules=ext_modules,
     cmdclass={"build_py": BuildPyWithManifest, "build_ext": PerVariantBuild.with_options(use_ninja=True)},
 )

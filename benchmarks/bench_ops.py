@@ -6,7 +6,10 @@ Every row times one op call with torch.utils.benchmark at a fixed, reported thre
 torchvision's kernel runs in the same process through torchvision_cpu_ext.disable(), and the
 configurations of a case (torchvision's and ours) are timed in turn, ROUNDS times each, a row
 being the median of its rounds' medians (interleaved_seconds). The speedup column is always
-against torchvision's fp32 NCHW kernel of the same case and direction. Writes JSON and a
+against torchvision's fp32 NCHW kernel of the same case and direction, but for depthwise_conv,
+which torchvision has no kernel of: its rows (bench_depthwise) are against ATen's eager
+F.conv1d/2d of the same layout and dtype, with torch.compile, ONNX Runtime and OpenVINO timed in
+the same rounds where they import, and an empty op of the same schema. Writes JSON and a
 markdown table (with the machine's CPU, ISA, versions and measured limits) to --out. Every row
 also carries `bytes` and `flops` (the model is WORK_MODEL below), which benchmarks/report.py
 places on a roofline. For deform_conv2d it also measures the extra peak memory of one call of
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -115,12 +119,17 @@ bytes (a lower bound on memory traffic: every byte the op must read or write, co
 - RoI op backward: grad_input written once (N*C*H*W) + grad_output read + rois read (+ the
   argmax read by roi_pool; the ps ops' channel_mapping is recomputable, so not counted).
 - nms: boxes and scores read (+ class indices for batched_nms) + the kept indices written.
+- depthwise_conv forward: input + output + weights (+ bias) once each; backward (input and weight
+  gradients): the output gradient, input and weights read, the input and weight gradients
+  written. The empty op has no bytes or flops. A row is "large" (the issue's roofline goal,
+  >= 80% of the copy bandwidth) when its bytes exceed the last-level cache (llc_bytes).
 flops:
 - align ops: 2 x the multiply-adds of bilinear sampling (4 per sample point, channel and bin),
   forward and backward alike; the sample weights are not counted.
 - pool ops: 1 op (compare or add) per input pixel read per output element; roi_pool backward:
   1 add per output element (its scatter to the argmax); ps_roi_pool backward: 1 add per pixel
   of each bin, as its forward.
+- depthwise_conv: 2 per tap and output element (a multiply-add); the backward twice that.
 - nms: 10 x the IoU pairs greedy NMS compares (each kept box against every later box not yet
   suppressed when it is reached; per class for batched_nms); the sort is not counted.
 line-read floor (--line-floor, RoI forwards): the time to read one byte of each 64-byte line of
@@ -760,6 +769,362 @@ def deform_memory(cases=None, processes: int = 1, warmup_hw: int | None = 16) ->
     return {"rows": rows, "calibration": cals, "note": MEMORY_NOTE}
 
 
+# Depthwise convolution (issue 19): our op against ATen's eager convolution of the same call
+# (`F.conv1d/2d(..., groups=C)`) and the peers that install from the registry, all in one run.
+@dataclass(frozen=True)
+class DwCase:
+    """A depthwise convolution, C -> C channels (groups = C), padding kernel // 2, dilation 1."""
+
+    shape: tuple[int, ...]  # N, C, L (conv1d) or N, C, H, W (conv2d)
+    kernel: int
+    stride: int = 1
+    bias: bool = False
+
+    @property
+    def dims(self) -> int:
+        return len(self.shape) - 2
+
+    @property
+    def padding(self) -> int:
+        return self.kernel // 2
+
+    @property
+    def name(self) -> str:
+        k = "x".join([str(self.kernel)] * self.dims)
+        return f"depthwise_conv{self.dims}d {list(self.shape)} k{k} s{self.stride}{' bias' if self.bias else ''}"
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.shape[1], 1) + (self.kernel,) * self.dims
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        spatial = [(s + 2 * self.padding - self.kernel) // self.stride + 1 for s in self.shape[2:]]
+        return (*self.shape[:2], *spatial)
+
+
+# The seed case (issue 19: a small depthwise conv1d called in a tight eager loop) with kernels 5
+# and 7 and batch 8, through an nn.Conv1d with bias; and the depthwise layers of
+# MobileNetV2/V3 and EfficientNet-B0 at 224x224 (and seed 001's batched layer). torchvision's
+# builds those without bias (Conv2dNormActivation: a batch norm follows), so the 2-D rows have none.
+DW1D_CASES = [
+    DwCase((1, 64, 96), 3, bias=True),
+    DwCase((1, 64, 96), 5, bias=True),
+    DwCase((1, 64, 96), 7, bias=True),
+    DwCase((8, 64, 96), 3, bias=True),
+]
+DW2D_CASES = [
+    DwCase((1, 32, 112, 112), 3),
+    DwCase((1, 96, 112, 112), 3, stride=2),
+    DwCase((1, 144, 56, 56), 3),
+    DwCase((1, 240, 28, 28), 5),
+    DwCase((1, 672, 14, 14), 5),
+    DwCase((1, 960, 7, 7), 5),
+    DwCase((8, 96, 112, 112), 3),
+]
+DW_FORWARD = [
+    ("nchw", torch.float32),
+    ("nchw", torch.bfloat16),
+    ("channels_last", torch.float32),
+    ("channels_last", torch.bfloat16),
+]
+DW_BACKWARD = [("nchw", torch.float32), ("channels_last", torch.float32)]
+# Everything beyond ours and ATen eager, in the order a row lists them. The empty op is
+# benchmarks/empty_op.cpp (built on first use); the peers run where they import (the `peers`
+# extra of setup.py), ONNX Runtime and OpenVINO on float32 NCHW input only (an ONNX Conv's
+# layout; both pick their own internal layout), and are skipped with a note otherwise.
+DW_EXTRAS = ("empty_op", "torch.compile", "onnxruntime", "openvino")
+DW_PEERS = ("torch.compile", "onnxruntime", "openvino")
+# What each impl of a depthwise row calls; `{d}` is 1 or 2.
+DW_CALLS = {
+    "ours": "torchvision_cpu_ext.ops.depthwise_conv{d}d(x, w, b, stride, padding)",
+    "ours_module": "torchvision_cpu_ext.optimize(nn.Conv{d}d(...))(x)",
+    "ours_op": "torch.ops.torchvision_cpu_ext.depthwise_conv{d}d.default(x, w, b, [s], [p], [1])",
+    "aten": "F.conv{d}d(x, w, b, stride, padding, 1, C)",
+    "aten_module": "nn.Conv{d}d(C, C, k, stride, padding, groups=C)(x)",
+    "empty_op": "an empty op of the same schema (C++ kernel: allocates the output), called as ours_op",
+    "torch.compile": "torch.compile(F.conv{d}d(...), dynamic=False): Inductor, default mode, warmed up",
+    "onnxruntime": "onnxruntime InferenceSession.run of the exported Conv (opset 17), CPU provider",
+    "openvino": "openvino compiled model (from the same ONNX, f32 precision hint, latency hint) infer",
+}
+
+
+def _version(module: str) -> str | None:
+    import importlib
+
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return None
+
+
+def dw_peer_versions() -> dict[str, str | None]:
+    """Each peer's version, None where it cannot run: it does not import, or (ONNX Runtime and
+    OpenVINO) onnx, which torch's ONNX exporter needs, does not."""
+    onnx = _version("onnx")
+    return {"torch.compile": torch.__version__} | {p: onnx and _version(p) for p in ("onnxruntime", "openvino")}
+
+
+def dw_peer_notes() -> list[str]:
+    """Why a peer's rows are missing from a run, for the report."""
+    missing = [name for name, version in dw_peer_versions().items() if version is None]
+    why = {name: "not installed" if _version(name) is None else "no onnx (the export needs it)" for name in missing}
+    return [f"{name}: {why[name]}, no rows (`pip install '.[peers]'` installs it)" for name in missing]
+
+
+@functools.cache
+def empty_op_module():
+    """benchmarks/empty_op.cpp, built on first use (torch.utils.cpp_extension's cache)."""
+    from torch.utils.cpp_extension import load
+
+    src = str(Path(__file__).with_name("empty_op.cpp"))
+    load("tvce_bench_empty_op", [src], extra_cflags=["-O3"], is_python_module=False)
+    return torch.ops.tvce_bench_empty
+
+
+def dw_inputs(case: DwCase, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """A case's seeded float32 (input, weight, bias or None, output gradient), contiguous."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.shape, generator=g)
+    w = torch.randn(case.weight_shape, generator=g) / case.kernel**case.dims
+    b = torch.randn(case.shape[1], generator=g) if case.bias else None
+    return x, w, b, torch.randn(case.out_shape, generator=g)
+
+
+def dw_work(case: DwCase, element_size: int, direction: str) -> tuple[int, int]:
+    """(bytes, flops) of a call: forward input + output + weights (+ bias) once each; backward
+    (input and weight gradients) the output gradient, input and weight read, the input and weight
+    gradients written. A multiply-add per tap and output element, twice in the backward."""
+    n_in, n_out, n_w = math.prod(case.shape), math.prod(case.out_shape), math.prod(case.weight_shape)
+    fma = n_out * case.kernel**case.dims
+    if direction == "forward":
+        return (n_in + n_out + n_w + (case.shape[1] if case.bias else 0)) * element_size, 2 * fma
+    return (n_out + 2 * n_in + 2 * n_w) * element_size, 4 * fma
+
+
+class _DwConv(torch.nn.Module):
+    """The single convolution the ONNX peers run (and export)."""
+
+    def __init__(self, case: DwCase, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        super().__init__()
+        self.case, self.w, self.b = case, torch.nn.Parameter(w), None if b is None else torch.nn.Parameter(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = torch.nn.functional.conv1d if self.case.dims == 1 else torch.nn.functional.conv2d
+        return conv(x, self.w, self.b, self.case.stride, self.case.padding, 1, self.case.shape[1])
+
+
+_DW_ONNX: dict[DwCase, bytes] = {}
+
+
+def dw_onnx(case: DwCase, w: torch.Tensor, b: torch.Tensor | None) -> bytes:
+    """The case's convolution exported to ONNX (opset 17, input "x", output "y"), once per case."""
+    import io
+    import warnings
+
+    if case not in _DW_ONNX:
+        buf = io.BytesIO()
+        with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _DwConv(case, w, b).eval(),
+                (torch.zeros(case.shape),),
+                buf,
+                opset_version=17,
+                dynamo=False,
+                input_names=["x"],
+                output_names=["y"],
+            )
+        _DW_ONNX[case] = buf.getvalue()
+    return _DW_ONNX[case]
+
+
+def dw_peer_config(peer: str, case: DwCase, x: torch.Tensor, w, b, threads: int) -> tuple[str, dict]:
+    """(statement, env) of an ONNX peer running the case on float32 NCHW `x` at `threads`."""
+    model = dw_onnx(case, w, b)
+    feed = x.numpy()
+    if peer == "onnxruntime":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        return "sess.run(None, feed)", {"sess": sess, "feed": {"x": feed}}
+    import openvino as ov
+
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    core = ov.Core()
+    req = core.compile_model(core.read_model(model), "CPU", config).create_infer_request()
+    return "req.infer(feed, share_inputs=True)", {"req": req, "feed": {0: feed}}
+
+
+@functools.cache
+def dw_compiled(case: DwCase):
+    """torch.compile (Inductor, default mode, static shapes) of the case's F.conv1d/2d call: one
+    per case, its graphs (one per layout and dtype) compiled once for every thread count."""
+    conv = torch.nn.functional.conv1d if case.dims == 1 else torch.nn.functional.conv2d
+    s, p, c = case.stride, case.padding, case.shape[1]
+    return torch.compile(lambda x, w, b: conv(x, w, b, s, p, 1, c), dynamic=False)
+
+
+def dw_path(case: DwCase, layout: str, dtype: torch.dtype) -> str:
+    """torchvision_cpu_ext.depthwise_path() of the case at the current thread count: which of our
+    paths its forward takes."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.empty(case.shape, dtype=dtype, device="meta").contiguous(memory_format=fmt)
+    w = torch.empty(case.weight_shape, dtype=dtype, device="meta")
+    return torchvision_cpu_ext.depthwise_path(x, w, case.stride, case.padding)
+
+
+def bench_depthwise(threads: int, min_time: float, cases=None, extras=DW_EXTRAS) -> list[dict]:
+    """Each depthwise case (default DW1D_CASES + DW2D_CASES) at `threads`: ours, ATen eager and
+    `extras` (of DW_EXTRAS; peers that do not import are left out), timed in turn
+    (interleaved_seconds). conv1d cases: float32 forward, ours through an nn.Conv1d swapped by
+    torchvision_cpu_ext.optimize() (the issue's measure) and the op called directly, ATen as
+    F.conv1d and as nn.Conv1d. conv2d cases: the forward in every DW_FORWARD layout and dtype, the
+    backward (input and weight gradients, through autograd of one retained graph) in DW_BACKWARD's.
+    Forwards run in inference mode. Every row has `speedup_vs_aten`: ATen eager's (F.conv1d/2d)
+    time over the row's, same case, direction, layout and dtype."""
+    torch.set_num_threads(threads)
+    available = {k for k, v in dw_peer_versions().items() if v is not None}
+    extras = [e for e in extras if e not in DW_PEERS or e in available]
+    rows = []
+    # One compiled graph per case, layout and dtype, all of the same lambda's code.
+    with torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
+        for case in DW1D_CASES + DW2D_CASES if cases is None else cases:
+            for direction in ("forward",) if case.dims == 1 else ("forward", "backward"):
+                _say(f"{case.name} {direction}", threads)
+                if direction == "forward":
+                    labels, configs = _dw_forward_configs(case, threads, extras)
+                else:
+                    labels, configs = _dw_backward_configs(case)
+                secs = interleaved_seconds(configs, min_time, inference=direction == "forward")
+                rows += _dw_rows(case, direction, threads, labels, secs)
+    return rows
+
+
+def _dw_forward_configs(case: DwCase, threads: int, extras) -> tuple[list[tuple], list[tuple]]:
+    """(labels, configurations) of a case's forward; a label is (impl, layout, dtype)."""
+    from torch import nn
+
+    import torchvision_cpu_ext.ops as ext_ops
+
+    x32, w32, b32, _ = dw_inputs(case)
+    d, s, p, c = case.dims, case.stride, case.padding, case.shape[1]
+    conv = getattr(torch.nn.functional, f"conv{d}d")
+    labels, configs = [], []
+
+    def add(impl: str, layout: str, dtype: torch.dtype, stmt: str, env: dict) -> None:
+        labels.append((impl, layout, dtype))
+        configs.append((impl, stmt, env))
+
+    for layout, dtype in DW_FORWARD if d == 2 else [("ncl", torch.float32)]:
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = x32.to(dtype).contiguous(memory_format=fmt)
+        w, b = w32.to(dtype), None if b32 is None else b32.to(dtype)
+        env = {"x": x, "w": w, "b": b, "s": [s] * d, "p": [p] * d, "d": [1] * d}
+        first = layout in ("nchw", "ncl") and dtype == torch.float32
+        if d == 1:
+            module = nn.Conv1d(c, c, case.kernel, s, p, groups=c, bias=case.bias).eval()
+            with torch.no_grad():
+                module.weight.copy_(w)
+                if b is not None:
+                    module.bias.copy_(b)
+            # Swapped inside a container, as optimize() swaps a model's layers.
+            swapped = torchvision_cpu_ext.optimize(nn.Sequential(copy.deepcopy(module)).eval())[0]
+            if type(swapped) is nn.Conv1d:
+                raise RuntimeError("torchvision_cpu_ext.optimize() left a depthwise nn.Conv1d in place")
+            add("ours_module", layout, dtype, "m(x)", {"m": swapped, "x": x})
+            op = torch.ops.torchvision_cpu_ext.depthwise_conv1d.default
+            add("ours_op", layout, dtype, "op(x, w, b, s, p, d)", {**env, "op": op})
+        else:
+            ours = getattr(ext_ops, f"depthwise_conv{d}d")
+            add("ours", layout, dtype, f"ours(x, w, b, {s}, {p})", {**env, "ours": ours})
+        add("aten", layout, dtype, f"conv(x, w, b, {s}, {p}, 1, {c})", {**env, "conv": conv})
+        if d == 1:
+            add("aten_module", layout, dtype, "m(x)", {"m": module, "x": x})
+        if "empty_op" in extras and first:
+            op = getattr(empty_op_module(), f"depthwise_conv{d}d").default
+            add("empty_op", layout, dtype, "op(x, w, b, s, p, d)", {**env, "op": op})
+        if "torch.compile" in extras:
+            fn = dw_compiled(case)
+            with torch.inference_mode():  # compiled and warmed up in the mode it is timed in
+                fn(x, w, b)
+                fn(x, w, b)
+            add("torch.compile", layout, dtype, "fn(x, w, b)", {"fn": fn, "x": x, "w": w, "b": b})
+        for peer in ("onnxruntime", "openvino"):
+            if peer in extras and first:
+                add(peer, layout, dtype, *dw_peer_config(peer, case, x, w, b, threads))
+    return labels, configs
+
+
+def _dw_backward_configs(case: DwCase) -> tuple[list[tuple], list[tuple]]:
+    """(labels, configurations) of a conv2d case's backward: the input and weight gradients of
+    ATen's and of our op, by autograd of one forward graph each (retained, run again and again)."""
+    import torchvision_cpu_ext.ops as ext_ops
+
+    x32, w32, _, g32 = dw_inputs(case)
+    s, p, c = case.stride, case.padding, case.shape[1]
+    labels, configs = [], []
+    for layout, dtype in DW_BACKWARD:
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        g = g32.to(dtype).contiguous(memory_format=fmt)
+        for impl in ("ours", "aten"):
+            x = x32.to(dtype).contiguous(memory_format=fmt).requires_grad_()
+            w = w32.to(dtype).requires_grad_()
+            if impl == "ours":
+                y = ext_ops.depthwise_conv2d(x, w, None, s, p)
+            else:
+                y = torch.nn.functional.conv2d(x, w, None, s, p, 1, c)
+            env = {"torch": torch, "y": y, "x": x, "w": w, "g": g}
+            labels.append((impl, layout, dtype))
+            configs.append((impl, "torch.autograd.grad(y, (x, w), g, retain_graph=True)", env))
+    return labels, configs
+
+
+def _dw_rows(case: DwCase, direction: str, threads: int, labels: list[tuple], secs: list[float]) -> list[dict]:
+    aten = {(layout, dtype): sec for sec, (impl, layout, dtype) in zip(secs, labels, strict=True) if impl == "aten"}
+    best: dict[tuple, tuple[float, str]] = {}  # (layout, dtype) -> the fastest convolution (not the empty op)
+    for sec, (impl, layout, dtype) in zip(secs, labels, strict=True):
+        if impl != "empty_op" and sec < best.get((layout, dtype), (math.inf, ""))[0]:
+            best[layout, dtype] = (sec, impl)
+    rows = []
+    for sec, (impl, layout, dtype) in zip(secs, labels, strict=True):
+        element_size = torch.finfo(dtype).bits // 8
+        nbytes, flops = dw_work(case, element_size, direction) if impl != "empty_op" else (None, None)
+        rows.append(
+            {
+                "op": "depthwise_conv",
+                "case": case.name,
+                "direction": direction,
+                "impl": impl,
+                "layout": layout,
+                "dtype": str(dtype).replace("torch.", ""),
+                "threads": threads,
+                "ms": sec * 1e3,
+                "speedup_vs_torchvision_fp32_nchw": None,  # no torchvision kernel: see speedup_vs_aten
+                "speedup_vs_aten": aten[layout, dtype] / sec,
+                "fastest": best[layout, dtype][1],
+                "gfma_per_s": flops / 2 / sec / 1e9 if flops else None,
+                "bytes": nbytes,
+                "flops": flops,
+                "call": DW_CALLS[impl].format(d=case.dims),
+            }
+        )
+        if impl.startswith("ours") and direction == "forward":
+            rows[-1]["path"] = dw_path(case, layout, dtype)
+        print(
+            f"  {impl:13s} {layout:13s} {rows[-1]['dtype']:8s} {threads}T {sec * 1e6:10.1f} us"
+            f"  x{rows[-1]['speedup_vs_aten']:6.2f} vs ATen",
+            flush=True,
+        )
+    return rows
+
+
+def _bench_depthwise(a: argparse.Namespace, threads: int, min_time: float) -> list[dict]:
+    return bench_depthwise(threads, min_time, [DW1D_CASES[0], DW2D_CASES[5]] if a.quick else None)
+
+
 def _say(what: str, threads: int) -> None:
     print(f"{what} ({threads} thread{'s' if threads > 1 else ''})", flush=True)
 
@@ -793,6 +1158,7 @@ BENCHES = {
     "nms": _bench_nms,
     "frozen_batch_norm": _bench_frozen_bn,
     "deform_conv2d": _bench_deform_conv2d,
+    "depthwise_conv": _bench_depthwise,
 }
 ALL_OPS = _op_table.benchmarked()
 assert sorted(BENCHES) == sorted(ALL_OPS), f"benchmark cases {sorted(BENCHES)} != op table {sorted(ALL_OPS)}"
@@ -822,9 +1188,12 @@ def markdown(meta: dict, rows: list[dict], memory: dict | None = None) -> str:
         floor = ""
         if r.get("line_floor_ms") and sp:
             floor = f"{r['line_floor_ms']:.2f} ({sp * r['ms'] / r['line_floor_ms']:.1f}x)"
+        # Ops that torchvision has no kernel of (depthwise_conv) compare with ATen eager instead.
+        speedup = f"{sp:.1f}x" if sp else f"{r['speedup_vs_aten']:.2f}x vs ATen" if r.get("speedup_vs_aten") else ""
+        ms = f"{r['ms']:.2f}" if r["ms"] >= 0.1 else f"{r['ms']:.4f}"
         out.append(
             f"| {r['case']} | {r['direction']} | {r['impl']} | {r['layout']} | {r['dtype']} | {r['threads']} "
-            f"| {r['ms']:.2f} | {sp:.1f}x | {gfma} | {floor} |"
+            f"| {ms} | {speedup} | {gfma} | {floor} |"
         )
     if memory:
         from peak_memory import memory_markdown
@@ -835,7 +1204,9 @@ def markdown(meta: dict, rows: list[dict], memory: dict | None = None) -> str:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The arguments that choose what is run (shared with benchmarks/report.py)."""
-    ap.add_argument("--quick", action="store_true", help="P4 case only, short timing: a smoke run")
+    ap.add_argument(
+        "--quick", action="store_true", help="one or two cases per op (RoI ops: P4), short timing: a smoke run"
+    )
     ap.add_argument("--ops", nargs="+", default=list(ALL_OPS), help="ops to run (default: all)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timing per row")
@@ -882,6 +1253,8 @@ def run(a: argparse.Namespace) -> dict:
     for op in a.ops:
         for threads in a.threads:
             rows += BENCHES[op](a, threads, min_time)
+    if "depthwise_conv" in a.ops:  # which peers ran, and what each impl of a row calls
+        meta["depthwise"] = {"peers": dw_peer_versions(), "notes": dw_peer_notes(), "calls": DW_CALLS}
     data = {"meta": meta, "rows": rows}
     if "deform_conv2d" in a.ops and not getattr(a, "no_memory", False):
         data["memory"] = deform_memory([DEFORM_CASES[3]] if a.quick else None)

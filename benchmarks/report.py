@@ -57,6 +57,13 @@ COLOURS = {
     ("ours", "channels_last", "bfloat16"): "#f5b27a",
     ("torchvision", "-", "float32"): "#9e9e9e",
     ("ours", "-", "float32"): "#1f5fa8",
+    # depthwise_conv's peers (its ATen rows are the baseline, not a bar)
+    ("torch.compile", "nchw", "float32"): "#2e8b57",
+    ("torch.compile", "nchw", "bfloat16"): "#8fd19e",
+    ("torch.compile", "channels_last", "float32"): "#6a3d9a",
+    ("torch.compile", "channels_last", "bfloat16"): "#cab2d6",
+    ("onnxruntime", "nchw", "float32"): "#c0392b",
+    ("openvino", "nchw", "float32"): "#8c564b",
 }
 OP_MARKERS = {
     "roi_align": "o",
@@ -65,6 +72,8 @@ OP_MARKERS = {
     "ps_roi_pool": "v",
     "nms": "D",
     "frozen_batch_norm": "P",
+    "deform_conv2d": "X",
+    "depthwise_conv": "*",
 }
 IMPL_COLOURS = {"ours": "#1f5fa8", "torchvision": "#8a8a8a"}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "nchw": "NCHW", "channels_last": "CL", "-": ""}
@@ -252,14 +261,14 @@ def plot_roofline(rows: list[dict], limits: dict[str, float], path: Path) -> Non
         for r in rows:
             if r["threads"] != t:
                 continue
-            ours = r["impl"] == "ours"
+            ours = r["impl"].startswith("ours")
             ax.scatter(
                 r["flop_per_byte"],
                 r["gflop_s"],
                 marker=OP_MARKERS.get(r["op"], "x"),
                 s=38 if r["direction"] == "forward" else 26,
                 facecolors=IMPL_COLOURS["ours"] if ours else "none",
-                edgecolors=IMPL_COLOURS[r["impl"]] if r["impl"] in IMPL_COLOURS else "k",
+                edgecolors=IMPL_COLOURS["ours" if ours else r["impl"]] if ours or r["impl"] in IMPL_COLOURS else "k",
                 linewidths=1.0,
                 alpha=0.85,
             )
@@ -327,6 +336,7 @@ def machine_table(meta: dict) -> tuple[str, str]:
 def summary_tables(rows: list[dict]) -> list[tuple[str, str]]:
     """summary_table of each family of ops with the same variants (the RoI ops; nms)."""
     families: dict[tuple, list[str]] = defaultdict(list)
+    rows = [r for r in rows if r.get("speedup_vs_torchvision_fp32_nchw")]  # depthwise_conv: its own goals table
     for op in ops_in(rows):
         families[tuple(_ordered_variants([r for r in rows if r["op"] == op]))].append(op)
     return [summary_table([r for r in rows if r["op"] in ops]) for ops in families.values()]
@@ -377,7 +387,11 @@ def op_table(rows: list[dict]) -> tuple[str, str]:
             r["dtype"],
             str(r["threads"]),
             f"{r['ms']:.3f}" if r["ms"] < 1 else f"{r['ms']:.2f}",
-            f"{r['speedup_vs_torchvision_fp32_nchw']:.2f}x" if r.get("speedup_vs_torchvision_fp32_nchw") else "",
+            f"{r['speedup_vs_torchvision_fp32_nchw']:.2f}x"
+            if r.get("speedup_vs_torchvision_fp32_nchw")
+            else f"{r['speedup_vs_aten']:.2f}x ATen"
+            if r.get("speedup_vs_aten")
+            else "",
             _fmt(r.get("gb_s"), ".2f"),
             _fmt(r.get("pct_copy_bw"), ".0f"),
             _fmt(r.get("gflop_s"), ".2f"),
@@ -411,6 +425,200 @@ def kernels_table(meta: dict, ops: list[str]) -> tuple[str, str]:
 def info_table(meta: dict) -> tuple[str, str]:
     info = meta.get("info", {})
     return _table(["info() key", "value"], [[k, str(v)] for k, v in info.items() if k not in ("ops", "python")])
+
+
+# ---------------------------------------------------------------------------------------------
+# Depthwise convolution (issue 19): ours against ATen eager and the peers, the goals, the roofline
+
+DW_GOALS = {"conv1d": 15.0, "never_slower": 1.0, "nchw": 5.0, "cl_fp32": 2.0, "large_pct": 80.0, "backward": 2.0}
+DW_PEERS = ("torch.compile", "onnxruntime", "openvino")
+DEFAULT_LLC = 32 * 2**20  # where the machine limits do not give the last-level cache
+
+
+def _us(ms: float) -> str:
+    return f"{ms * 1e3:.1f}"
+
+
+def _ms(ms: float) -> str:
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.2f}"
+
+
+def _dw_groups(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """Depthwise rows by (case, direction, layout, dtype, threads), then by impl, in run order."""
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        groups[(r["case"], r["direction"], r["layout"], r["dtype"], r["threads"])][r["impl"]] = r
+    return groups
+
+
+def _is_large(r: dict, limits: dict[str, float]) -> bool:
+    """Whether the row's bytes exceed the last-level cache: the rows the roofline goal is about."""
+    return bool(r.get("bytes")) and r["bytes"] > (limits.get("llc_bytes") or DEFAULT_LLC)
+
+
+def _gm(xs: list[float]) -> str:
+    return f"{_geomean(xs):.2f}x over {len(xs)} rows" if xs else ""
+
+
+def dw_goals_table(rows: list[dict], limits: dict[str, float]) -> tuple[str, str]:
+    """Issue 19's speed goals per thread count: what the run measured, and whether it meets them."""
+    body = []
+
+    def add(goal: str, t: int, checked: list[float], measured: str, target: float, unit: str = "x") -> None:
+        met = "" if not checked else "yes" if min(checked) >= target else "**no**"
+        body.append([goal, str(t), measured if checked else "(no rows)", f">= {target:g}{unit}", met])
+
+    for t in sorted({r["threads"] for r in rows}):
+        rs = [r for r in rows if r["threads"] == t]
+        module = [r["speedup_vs_aten"] for r in rs if r["impl"] == "ours_module"]
+        fwd = [r for r in rs if r["impl"] == "ours" and r["direction"] == "forward"]
+        every = [r["speedup_vs_aten"] for r in fwd]
+        nchw = [r["speedup_vs_aten"] for r in fwd if r["layout"] == "nchw"]
+        cl32 = [r["speedup_vs_aten"] for r in fwd if r["layout"] == "channels_last" and r["dtype"] == "float32"]
+        large = [r for r in fwd if _is_large(r, limits) and r.get("pct_copy_bw")]
+        bwd = [r["speedup_vs_aten"] for r in rs if r["impl"] == "ours" and r["direction"] == "backward"]
+        conv1d = ", ".join(f"{x:.1f}x" for x in module)
+        add("conv1d through optimize(), vs F.conv1d (every case)", t, module, conv1d, DW_GOALS["conv1d"])
+        add("conv2d forward, vs ATen (every row: min)", t, every, f"{min(every, default=0):.2f}x", 1.0)
+        # A geometric mean is the goal itself, not each of its rows.
+        add("conv2d NCHW rows (geometric mean)", t, [_geomean(nchw)] if nchw else [], _gm(nchw), DW_GOALS["nchw"])
+        cl = [_geomean(cl32)] if cl32 else []
+        add("conv2d channels_last fp32 rows (geometric mean)", t, cl, _gm(cl32), DW_GOALS["cl_fp32"])
+        pct = ", ".join(f"{r['pct_copy_bw']:.0f}% {SHORT[r['layout']]} {SHORT[r['dtype']]}" for r in large)
+        add("large rows: % of the copy bandwidth", t, [r["pct_copy_bw"] for r in large], pct, 80.0, "%")
+        bw = f"{_gm(bwd)}; min {min(bwd, default=0):.2f}x"
+        add("conv2d backward, vs ATen (geometric mean)", t, [_geomean(bwd)] if bwd else [], bw, DW_GOALS["backward"])
+    return _table(["goal", "threads", "measured", "goal", "met"], body)
+
+
+def _vs(r: dict | None, fmt) -> str:
+    return f"{fmt(r['ms'])} ({r['speedup_vs_aten']:.2f}x)" if r else ""
+
+
+def dw_conv1d_table(rows: list[dict]) -> tuple[str, str]:
+    """The conv1d cases in microseconds per call: ATen, ours through optimize() and the op, the
+    empty op (and its share of our module's call), the peers, and the fastest."""
+    body = []
+    for (case, _, _, _, t), g in _dw_groups([r for r in rows if r["layout"] == "ncl"]).items():
+        ours, empty = g.get("ours_module"), g.get("empty_op")
+        share = f" ({100 * empty['ms'] / ours['ms']:.0f}%)" if ours and empty else ""
+        body.append(
+            [case, str(t), _us(g["aten"]["ms"]), _vs(g.get("aten_module"), _us), _vs(ours, _us)]
+            + [_vs(g.get("ours_op"), _us), _us(empty["ms"]) + share if empty else ""]
+            + [_vs(g.get(p), _us) for p in DW_PEERS]
+            + [g["aten"]["fastest"]]
+        )
+    headers = ["case", "T", "ATen F.conv1d", "ATen nn.Conv1d", "ours optimize()", "ours op"]
+    headers += ["empty op (share of ours optimize())", *DW_PEERS, "fastest"]
+    return _table(headers, body)
+
+
+def dw_conv2d_table(rows: list[dict], direction: str, limits: dict[str, float]) -> tuple[str, str]:
+    """The conv2d cases of `direction` in ms per call: ATen, ours, (forward) the peers and the
+    empty op, the fastest, and our MB, GB/s and share of the copy bandwidth."""
+    body = []
+    for (case, d, layout, dtype, t), g in _dw_groups(rows).items():
+        if d != direction or layout == "ncl":
+            continue
+        ours = g["ours"]
+        cells = [case, SHORT[layout], SHORT[dtype], str(t), _ms(g["aten"]["ms"]), _vs(ours, _ms)]
+        if direction == "forward":
+            cells += [_vs(g.get(p), _ms) for p in DW_PEERS] + [_ms(g["empty_op"]["ms"]) if "empty_op" in g else ""]
+        cells += [ours["fastest"], f"{ours['bytes'] / 1e6:.2f}", _fmt(ours.get("gb_s"), ".1f")]
+        cells += [_fmt(ours.get("pct_copy_bw"), ".0f"), "yes" if _is_large(ours, limits) else ""]
+        body.append(cells)
+    headers = ["case", "layout", "dtype", "T", "ATen ms", "ours ms (x ATen)"]
+    headers += [*DW_PEERS, "empty op"] if direction == "forward" else []
+    headers += ["fastest", "MB", "ours GB/s", "ours % copy BW", "large"]
+    return _table(headers, body)
+
+
+def dw_roofline_table(rows: list[dict], limits: dict[str, float]) -> tuple[str, str]:
+    """The large rows (bytes beyond the last-level cache) against the copy bandwidth: the time a
+    pass over their bytes takes at that bandwidth, and each impl's GB/s and share of it."""
+    body = []
+    for (case, d, layout, dtype, t), g in _dw_groups(rows).items():
+        if not _is_large(g.get("ours", {}), limits) or not limits.get(f"copy_gb_s_{t}t"):
+            continue
+        floor_ms = g["ours"]["bytes"] / limits[f"copy_gb_s_{t}t"] / 1e6
+        for impl, r in g.items():
+            if r.get("gb_s"):
+                cells = [case, d, SHORT[layout], SHORT[dtype], str(t), impl, f"{r['bytes'] / 1e6:.1f}"]
+                cells += [_ms(floor_ms), _ms(r["ms"]), f"{r['gb_s']:.1f}", f"{r['pct_copy_bw']:.0f}"]
+                body.append(cells)
+    if not body:
+        body.append(["(no row of this run exceeds the last-level cache)"] + [""] * 10)
+    headers = ["case", "dir", "layout", "dtype", "T", "impl", "MB", "copy-bandwidth floor ms", "ms", "GB/s"]
+    return _table([*headers, "% copy BW"], body)
+
+
+def dw_fastest_table(rows: list[dict]) -> tuple[str, str]:
+    """Per case, direction and thread count, the fastest convolution in each dtype over every
+    impl and layout: which to use for a shape, and whether channels_last pays."""
+    best: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        kept = best[r["case"], r["direction"], r["threads"]]
+        if r["impl"] != "empty_op" and (r["dtype"] not in kept or r["ms"] < kept[r["dtype"]]["ms"]):
+            kept[r["dtype"]] = r
+    dtypes = [d for d in ("float32", "bfloat16") if any(d in b for b in best.values())]
+
+    def cell(r: dict | None) -> str:
+        return f"{r['impl']} {SHORT.get(r['layout'], r['layout'])} {_ms(r['ms'])} ms" if r else ""
+
+    body = [[case, d, str(t)] + [cell(b.get(dt)) for dt in dtypes] for (case, d, t), b in best.items()]
+    return _table(["case", "dir", "T"] + [f"fastest {SHORT[d]} (impl, layout, time)" for d in dtypes], body)
+
+
+def dw_paths_table(rows: list[dict]) -> tuple[str, str]:
+    """Which of our paths each forward row took (torchvision_cpu_ext.depthwise_path at its threads)."""
+    body = [
+        [r["case"], SHORT.get(r["layout"], r["layout"]), SHORT[r["dtype"]], str(r["threads"]), r["path"]]
+        for r in rows
+        if r.get("path") and r["impl"] in ("ours", "ours_module")
+    ]
+    return _table(["case", "layout", "dtype", "T", "path"], body)
+
+
+def plot_dw_speedup(rows: list[dict], path: Path) -> None:
+    """Per direction, grouped bars (log scale) of the conv2d rows' speedup over ATen eager."""
+    rows = [r for r in rows if r["layout"] != "ncl" and r["impl"] not in ("aten", "empty_op")]
+    fig, panels = _direction_axes(rows)
+    for direction, ax, rs in panels:
+        _grouped_bars(ax, rs, "speedup_vs_aten", "depthwise_conv", log=True)
+        ax.axhline(1.0, color="#c00", linewidth=0.8, linestyle="--")
+        ax.set_ylabel(f"{direction}: speedup (x, log)")
+    _finish(fig, panels[0][1], "depthwise conv2d: speedup over ATen eager F.conv2d (same layout and dtype)", path)
+
+
+def dw_section(rows: list[dict], meta: dict, limits: dict[str, float]) -> list[tuple[str, str, str]]:
+    """The depthwise section's parts as (kind, markdown, html): "h3" headings, "p" text, tables."""
+    dw = meta.get("depthwise", {})
+    peers = dw.get("peers", {})
+    versions = ", ".join(f"{k} {v}" for k, v in peers.items() if v)
+    notes = " ".join(dw.get("notes", []))
+    calls = "; ".join(f"{k}: `{v}`" for k, v in dw.get("calls", {}).items())
+    text = (
+        "Ours against ATen eager (`F.conv1d/2d(..., groups=C)`) and the peers, configurations timed in "
+        "turn in the same run (medians of 5 rounds). Speedups (x) are ATen eager's time over the row's, same "
+        "case, direction, layout and dtype; 'fastest' names the fastest convolution of the row's layout and "
+        "dtype (ONNX Runtime and OpenVINO run float32 NCHW input only). The empty op has the op's schema and a "
+        "C++ kernel that only allocates the output: what binding, dispatch and allocation cost before any "
+        "arithmetic. The conv2d rows have no bias, as torchvision's MobileNet and EfficientNet depthwise layers "
+        "(a batch norm follows; optimize() folds it into a bias of C elements, which the rows leave out). "
+        f"Peers: {versions or 'none'}. {notes}"
+    )
+    parts = [("p", text, text), ("p", f"What each impl calls: {calls}", f"What each impl calls: {calls}")]
+    for title, table in (
+        ("Goals (issue 19)", dw_goals_table(rows, limits)),
+        ("Which is fastest for my shape", dw_fastest_table(rows)),
+        ("conv1d, microseconds per call (x F.conv1d)", dw_conv1d_table(rows)),
+        ("conv2d forward", dw_conv2d_table(rows, "forward", limits)),
+        ("conv2d backward (input and weight gradients)", dw_conv2d_table(rows, "backward", limits)),
+        ("Roofline: the large rows against the copy bandwidth", dw_roofline_table(rows, limits)),
+        ("Our paths (`torchvision_cpu_ext.depthwise_path`)", dw_paths_table(rows)),
+    ):
+        parts += [("h3", title, title), ("table", *table)]
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +667,11 @@ def build_report(data: dict, out: Path, source: str = "") -> dict[str, Path]:
     plots: dict[str, list[tuple[str, str]]] = defaultdict(list)  # op or "roofline" -> (file, caption)
     for op in ops:
         rs = [r for r in rows if r["op"] == op]
+        if op == "depthwise_conv":  # too many variants for the bandwidth bars: its roofline table instead
+            if any(r["layout"] != "ncl" for r in rs):
+                plot_dw_speedup(rs, out / "speedup_depthwise_conv.png")
+                plots[op].append(("speedup_depthwise_conv.png", "depthwise conv2d: speedup over ATen eager"))
+            continue
         if any(r.get("speedup_vs_torchvision_fp32_nchw") for r in rs):
             name = f"speedup_{op}.png"
             plot_speedup(op, rs, out / name)
@@ -484,7 +697,8 @@ def build_report(data: dict, out: Path, source: str = "") -> dict[str, Path]:
     intro = (
         "Our kernels against torchvision's, in the same process, on shapes from real models (FPN levels and the "
         "mask head of Faster/Mask R-CNN R50-FPN, an R-FCN head for the ps ops). Speedups are against torchvision's "
-        "fp32 NCHW kernel of the same case, direction and thread count. GB/s and GFLOP/s are computed from the "
+        "fp32 NCHW kernel of the same case, direction and thread count (depthwise_conv, which torchvision has "
+        "no kernel of: against ATen eager, with the peers). GB/s and GFLOP/s are computed from the "
         "bytes/flops model below (bytes are a lower bound, so GB/s is too) and set against this machine's limits, "
         "measured by the same benchmark command as the timings."
     )
@@ -497,9 +711,16 @@ def build_report(data: dict, out: Path, source: str = "") -> dict[str, Path]:
     if plots.get("roofline"):
         md += ["## Roofline", "", "![roofline](roofline.png)", ""]
     memory = data.get("memory")
+    dw_parts = (
+        dw_section([r for r in rows if r["op"] == "depthwise_conv"], meta, limits) if "depthwise_conv" in ops else []
+    )
     for op in ops:
         md += [f"## {op}", ""]
         md += [f"![{cap}]({name})" for name, cap in plots.get(op, [])] + [""]
+        if op == "depthwise_conv":
+            for kind, part_md, _ in dw_parts:
+                md += [f"### {part_md}" if kind == "h3" else part_md, ""]
+            md += ["### All rows", ""]
         md += [op_table([r for r in rows if r["op"] == op])[0], ""]
         if op == "deform_conv2d" and memory:
             md += ["### Extra peak memory per call", "", memory_markdown(memory).rstrip(), ""]
@@ -530,6 +751,9 @@ def build_report(data: dict, out: Path, source: str = "") -> dict[str, Path]:
         h += ["<h2>Roofline</h2>", img(*plots["roofline"][0])]
     for op in ops:
         h += [f"<h2>{html.escape(op)}</h2>"] + [img(name, cap) for name, cap in plots.get(op, [])]
+        if op == "depthwise_conv":
+            for kind, _, part_html in dw_parts:
+                h.append(part_html if kind == "table" else f"<{kind}>{html.escape(part_html)}</{kind}>")
         h += [
             "<details open><summary>all rows</summary>",
             op_table([r for r in rows if r["op"] == op])[1],
@@ -556,7 +780,9 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--from", dest="source", type=Path, default=None, help="ops.json of an earlier bench_ops run")
     ap.add_argument("--out", type=Path, default=HERE / "report", help="directory of the report")
-    ap.add_argument("--quick", action="store_true", help="P4 case only, short timing: a smoke run")
+    ap.add_argument(
+        "--quick", action="store_true", help="one or two cases per op (RoI ops: P4), short timing: a smoke run"
+    )
     ap.add_argument("--ops", nargs="+", default=None, help="ops to run (default: all)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timing per row")

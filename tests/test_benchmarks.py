@@ -191,6 +191,7 @@ def test_report_from_a_tiny_run(tmp_path, monkeypatch):
             rows += bench_ops.bench_case(tiny_case(op), threads, 0.001, ["nchw", "channels_last"], [torch.float32])
     rows += bench_ops.bench_nms(1, 0.001)
     rows += bench_ops.bench_deform_conv2d(1, 0.001, [((1, 8, 6, 7), True)])
+    rows += bench_ops.bench_depthwise(1, 0.001, DW_TINY, extras=())
     assert all(r["bytes"] > 0 and r["flops"] > 0 for r in rows)
     memory = {  # as bench_ops.deform_memory's, abridged
         "rows": [
@@ -223,7 +224,7 @@ def test_report_from_a_tiny_run(tmp_path, monkeypatch):
 
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
     assert pngs == sorted(
-        ["roofline.png"]
+        ["roofline.png", "speedup_depthwise_conv.png"]
         + [
             f"{kind}_{op}.png"
             for kind in ("speedup", "bandwidth")
@@ -244,6 +245,13 @@ def test_report_from_a_tiny_run(tmp_path, monkeypatch):
     # deform_conv2d's section ends with the peak-memory table.
     line = "| deform_conv2d [1, 8, 6, 7] 3x3 DCNv2 | forward | 3.0 | 1.0 | 5.0 | 1.0 |"
     assert line in md and md.index(line) > md.index("## deform_conv2d") and "Extra peak memory per call" in page
+    # depthwise_conv's section: its goals, conv1d, conv2d and roofline tables, then all its rows.
+    dw = md[md.index("## depthwise_conv") :]
+    titles = ["Goals (issue 19)", "Which is fastest", "conv1d, microseconds", "conv2d forward", "conv2d backward"]
+    titles += ["Roofline", "Our paths"]
+    titles.append("All rows")
+    assert [dw.index(f"### {t}") for t in titles] == sorted(dw.index(f"### {t}") for t in titles)
+    assert "<h3>Goals (issue 19)</h3>" in page and "| depthwise_conv2d [2, 8, 7, 6] k3x3 s2 | CL | bf16 | 1 |" in dw
 
 
 def test_report_takes_bench_ops_arguments():
@@ -311,3 +319,122 @@ def test_deform_memory_runs():
     assert abs(cal["alloc_free_100mib"] - 100) < 3 and abs(cal["return_100mib"]) < 3 and abs(cal["two_8mib"] - 16) < 2
     md = peak_memory.memory_markdown(memory)
     assert "| deform_conv2d [1, 16, 40, 40] 3x3 DCNv2 | backward | 0.9 | " in md and "tv NCHW fp32 2T" in md
+
+
+DW_TINY = [bench_ops.DwCase((2, 8, 10), 3, bias=True), bench_ops.DwCase((2, 8, 7, 6), 3, stride=2)]
+
+
+def _dw_labels(rows: list[dict]) -> set[tuple]:
+    return {(r["case"][:16], r["direction"], r["impl"], r["layout"], r["dtype"]) for r in rows}
+
+
+def test_bench_depthwise_runs():
+    rows = bench_ops.bench_depthwise(1, 0.001, DW_TINY, extras=())
+    conv1d = {("depthwise_conv1d", "forward", impl, "ncl", "float32") for impl in ("ours_module", "ours_op", "aten")}
+    conv1d.add(("depthwise_conv1d", "forward", "aten_module", "ncl", "float32"))
+    conv2d = {
+        ("depthwise_conv2d", "forward", impl, layout, str(dtype)[6:])
+        for impl in ("ours", "aten")
+        for layout, dtype in bench_ops.DW_FORWARD
+    }
+    conv2d |= {
+        ("depthwise_conv2d", "backward", impl, layout, "float32")
+        for impl in ("ours", "aten")
+        for layout in ("nchw", "channels_last")
+    }
+    assert len(rows) == len(conv1d | conv2d) and _dw_labels(rows) == conv1d | conv2d
+    for r in rows:
+        aten = next(
+            a["ms"]
+            for a in rows
+            if a["impl"] == "aten"
+            and (a["case"], a["direction"], a["layout"], a["dtype"], a["threads"])
+            == (r["case"], r["direction"], r["layout"], r["dtype"], r["threads"])
+        )
+        assert r["ms"] > 0 and r["speedup_vs_aten"] == pytest.approx(aten / r["ms"], rel=1e-9)
+        assert r["speedup_vs_torchvision_fp32_nchw"] is None and r["fastest"] in bench_ops.DW_CALLS
+        # Our forward rows name the path they took, as info's depthwise_path says.
+        assert ("path" in r) == (r["impl"].startswith("ours") and r["direction"] == "forward")
+    # bytes: input + output + weights (+ bias) once each; the stride-2 map is 4 x 3.
+    fwd = {(r["case"][:16], r["direction"], r["dtype"]): r for r in rows if r["layout"] != "channels_last"}
+    assert fwd["depthwise_conv1d", "forward", "float32"]["bytes"] == (2 * 8 * 10 * 2 + 8 * 3 + 8) * 4
+    assert fwd["depthwise_conv2d", "forward", "bfloat16"]["bytes"] == (2 * 8 * 42 + 2 * 8 * 12 + 8 * 9) * 2
+    assert fwd["depthwise_conv2d", "backward", "float32"]["bytes"] == (2 * 8 * 12 + 2 * 2 * 8 * 42 + 2 * 8 * 9) * 4
+    assert fwd["depthwise_conv2d", "forward", "float32"]["flops"] == 2 * 2 * 8 * 12 * 9
+
+
+@pytest.mark.slow  # JIT-builds benchmarks/empty_op.cpp on first use and compiles with Inductor
+def test_bench_depthwise_extras():
+    rows = bench_ops.bench_depthwise(1, 0.001, DW_TINY[1:])
+    peers = [p for p, v in bench_ops.dw_peer_versions().items() if v and p != "torch.compile"]
+    forward = {(r["impl"], r["layout"], r["dtype"]) for r in rows if r["direction"] == "forward"}
+    extra = {("empty_op", "nchw", "float32")} | {(p, "nchw", "float32") for p in peers}
+    extra |= {("torch.compile", layout, str(dtype)[6:]) for layout, dtype in bench_ops.DW_FORWARD}
+    assert forward == extra | {
+        (impl, lay, str(dt)[6:]) for impl in ("ours", "aten") for lay, dt in bench_ops.DW_FORWARD
+    }
+    empty = next(r for r in rows if r["impl"] == "empty_op")
+    assert empty["bytes"] is None and empty["flops"] is None
+    # The empty op returns what the convolution returns, but for the values.
+    x = torch.randn(2, 8, 7, 6).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 1, 3, 3)
+    y = bench_ops.empty_op_module().depthwise_conv2d(x, w, None, [2, 2], [1, 1], [1, 1])
+    ref = torch.nn.functional.conv2d(x, w, None, 2, 1, 1, 8)
+    assert y.shape == ref.shape and y.stride() == ref.stride() and y.dtype == ref.dtype
+    assert bench_ops.empty_op_module().depthwise_conv1d(x[:, :, 0], w[..., 0], None, [1], [1], [1]).shape == (2, 8, 6)
+    # ONNX Runtime and OpenVINO compute the same convolution.
+    case, (x32, w32, _, _) = DW_TINY[1], bench_ops.dw_inputs(DW_TINY[1])
+    for peer in peers:
+        stmt, env = bench_ops.dw_peer_config(peer, case, x32, w32, None, 1)
+        out = eval(stmt, env)
+        out = out[0] if isinstance(out, list) else out.to_tuple()[0]
+        ref = torch.nn.functional.conv2d(x32, w32, None, 2, 1, 1, 8)
+        torch.testing.assert_close(torch.from_numpy(out), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_depthwise_report_tables():
+    import report
+
+    def row(case, impl, ms, layout="nchw", dtype="float32", direction="forward", nbytes=10**6):
+        key = {"case": case, "direction": direction, "impl": impl, "layout": layout, "dtype": dtype, "threads": 2}
+        return {**key, "ms": ms, "bytes": nbytes, "flops": 1, "fastest": "ours", "op": "depthwise_conv"}
+
+    big = 40 * 2**20
+    rows = [
+        row("c1", "aten", 0.06, "ncl"),
+        row("c1", "ours_module", 0.003, "ncl"),  # 20x
+        row("c1", "empty_op", 0.0015, "ncl", nbytes=None),
+        row("a", "aten", 1.0),
+        row("a", "ours", 0.1),  # 10x NCHW fp32
+        row("a", "aten", 1.0, dtype="bfloat16"),
+        row("a", "ours", 0.4, dtype="bfloat16"),  # 2.5x NCHW bf16: geometric mean 5x
+        row("a", "aten", 1.0, "channels_last"),
+        row("a", "ours", 1.25, "channels_last"),  # 0.8x: slower than ATen
+        row("b", "aten", 8.0, "channels_last", nbytes=big),
+        row("b", "ours", 2.0, "channels_last", nbytes=big),  # 4x; geometric mean with 0.8x: 1.79x
+        row("b", "aten", 2.0, direction="backward"),
+        row("b", "ours", 1.0, direction="backward"),
+    ]
+    for r in rows:
+        key = (r["case"], r["direction"], r["layout"], r["dtype"])
+        aten = next(
+            a for a in rows if a["impl"] == "aten" and (a["case"], a["direction"], a["layout"], a["dtype"]) == key
+        )
+        r["speedup_vs_aten"] = aten["ms"] / r["ms"]
+    limits = {"copy_gb_s_2t": 20.0, "llc_bytes": float(32 * 2**20)}
+    rows = report.derive(rows, limits)
+    goals = report.dw_goals_table(rows, limits)[0]
+    assert "| conv1d through optimize(), vs F.conv1d (every case) | 2 | 20.0x | >= 15x | yes |" in goals
+    assert "| conv2d forward, vs ATen (every row: min) | 2 | 0.80x | >= 1x | **no** |" in goals
+    assert "| conv2d NCHW rows (geometric mean) | 2 | 5.00x over 2 rows | >= 5x | yes |" in goals
+    assert "| conv2d channels_last fp32 rows (geometric mean) | 2 | 1.79x over 2 rows | >= 2x | **no** |" in goals
+    # Only "b" is beyond the last-level cache: 41.9 MB in 2 ms is 21 GB/s, 105% of 20 GB/s.
+    assert "| large rows: % of the copy bandwidth | 2 | 105% CL fp32 | >= 80% | yes |" in goals
+    assert "| conv2d backward, vs ATen (geometric mean) | 2 | 2.00x over 1 rows; min 2.00x | >= 2x | yes |" in goals
+    conv1d = report.dw_conv1d_table(rows)[0]
+    assert "| c1 | 2 | 60.0 |  | 3.0 (20.00x) |  | 1.5 (50%) |  |  |  | ours |" in conv1d
+    fastest = report.dw_fastest_table(rows)[0]
+    assert "| a | forward | 2 | ours NCHW 0.100 ms | ours NCHW 0.400 ms |" in fastest
+    assert "| b | forward | 2 | ours CL 2.000 ms |  |" in fastest and "| c1 | forward | 2 | ours_module ncl" in fastest
+    roofline = report.dw_roofline_table(rows, limits)[0]
+    assert roofline.count("| b | forward | CL | fp32 | 2 |") == 2 and "| 2.097 | 2.000 | 21.0 | 105 |" in roofline

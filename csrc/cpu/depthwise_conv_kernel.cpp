@@ -45,7 +45,9 @@
 //    - Blocks (block_pass): one block of V channels of one image and band of rows is first
 //      copied into a zero-padded scratch of V-lane pixels (NCHW planes transposed into it; a
 //      spread-out gradient written with its zeros), so every run is unchecked and a 7x7 map
-//      fills its vectors; the results are written back per row (NCHW: transposed).
+//      fills its vectors; the results are written back per row (NCHW: transposed). A strided
+//      convolution's channels_last input gradient runs here too, whatever its width: the
+//      scratch holds the spread-out gradient's zeros, which rows would have to materialize.
 //    A channel multiplier M > 1 in channels_last repeats each input channel M times first
 //    (repeat_interleave) and runs with M = 1: correct and simple, at the cost of a copy; NCHW
 //    planes and blocks map each output channel to its input plane directly.
@@ -54,7 +56,8 @@
 //    channel per work item, its images and bands in order (dot products of each output row with
 //    each tap's input run from the same phase planes). channels_last: a fixed number of chunks of
 //    rows (kWeightChunks, not the thread count), each summing into its own [K + 1, C] partial,
-//    added in chunk order. Both give the same bits at every thread count, as every other
+//    added in chunk order; inside a row, the columns where every tap of a kernel row is inside
+//    the map sum all of them in one pass (one independent FMA chain per tap, wgrad_columns). Both give the same bits at every thread count, as every other
 //    gradient here (the input gradient's elements are each written by one item).
 //
 // 5. Threads and small calls. Calls of fewer than kSerialWork multiply-adds run on the calling
@@ -104,6 +107,8 @@ constexpr int64_t kBandBytes = 96 * 1024;
 constexpr int64_t kWeightChunks = 16;
 // Widest output rows that run as blocks (NOTE, parts 2 and 3: path_of).
 constexpr int64_t kBlockWidth = 28;
+// channels_last weight gradient: kernel widths whose taps are summed in one pass over a row.
+constexpr int64_t kMaxTapsAtOnce = 7;
 // Output pixels per channels_last run at the borders (accumulator vectors).
 constexpr int kRun = 4;
 
@@ -218,6 +223,13 @@ void fill_row(acc_t* dst, int64_t n, const scalar_t* src, int64_t Ws, int64_t st
       dst[t] = static_cast<acc_t>(src[start + t * step]);
     }
     std::fill_n(dst + hi, n - hi, acc_t(0));
+    return;
+  }
+  if (step == 1) {  // a spread-out gradient: zeros, then each source column at its position
+    std::fill_n(dst, n, acc_t(0));
+    for (int64_t b = std::max<int64_t>(0, div_ceil(start, u)); b < Ws && b * u - start < n; ++b) {
+      dst[b * u - start] = static_cast<acc_t>(src[b]);
+    }
     return;
   }
   for (int64_t t = 0; t < n; ++t) {
@@ -338,38 +350,64 @@ void row_pass(const PlanePass<scalar_t>& p, int64_t N, bool serial) {
   using acc_t = opmath_t<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const int64_t K = p.KW, L = p.Ws, OL = p.OW, M = p.out_planes / p.src_planes;
-  const int64_t lo = std::clamp<int64_t>(p.pw, 0, OL), hi = std::clamp<int64_t>(L + p.pw - (K - 1) * p.dw, lo, OL);
-  for_items(serial, N * p.out_planes, OL * K, [&](int64_t begin, int64_t end) {
+  const int64_t K = p.KW, L = p.Ws, OL = p.OW, dw = p.dw, M = p.out_planes / p.src_planes;
+  // Output positions whose taps all lie inside the row: [lo, hi).
+  const int64_t lo = std::clamp<int64_t>(p.pw, 0, OL), hi = std::clamp<int64_t>(L + p.pw - (K - 1) * dw, lo, OL);
+  const int64_t pw = p.pw, planes = p.out_planes, src_planes = p.src_planes;
+  const scalar_t* const source = p.src;
+  scalar_t* const out = p.out;
+  const acc_t* const table = p.table;
+  const acc_t* const bias = p.bias;
+  for_items(serial, N * planes, OL * K, [=](int64_t begin, int64_t end) {
+    int64_t oc = begin % planes;
+    const scalar_t* src = source + (begin / planes * src_planes + oc / M) * L - pw;
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / p.out_planes, oc = row % p.out_planes;
-      const scalar_t* x = p.src + (n * p.src_planes + oc / M) * L - p.pw;  // x[ow + k * dw]: tap k
-      scalar_t* y = p.out + row * OL;
-      const acc_t* w = p.table + oc * K;
-      const acc_t init = p.bias ? p.bias[oc] : acc_t(0);
-      const auto border = [&](int64_t ow) {
-        acc_t a = init;
+      const scalar_t* x = src;  // x[ow + k * dw]: tap k of output ow
+      scalar_t* y = out + row * OL;
+      const acc_t* w = table + oc * K;
+      const acc_t init = bias ? bias[oc] : acc_t(0);
+      int64_t ow = lo;
+      for (; ow + 4 * V <= hi; ow += 4 * V) {  // four independent sums hide the FMA latency
+        Vec a0(init), a1(init), a2(init), a3(init);
         for (int64_t k = 0; k < K; ++k) {
-          const int64_t i = ow - p.pw + k * p.dw;
-          if (i >= 0 && i < L) {
-            a += w[k] * static_cast<acc_t>(x[ow + k * p.dw]);
-          }
+          const Vec wk(w[k]);
+          const scalar_t* xk = x + ow + k * dw;
+          a0 = at::vec::fmadd(load_opmath(xk, V), wk, a0);
+          a1 = at::vec::fmadd(load_opmath(xk + V, V), wk, a1);
+          a2 = at::vec::fmadd(load_opmath(xk + 2 * V, V), wk, a2);
+          a3 = at::vec::fmadd(load_opmath(xk + 3 * V, V), wk, a3);
         }
-        y[ow] = static_cast<scalar_t>(a);
-      };
-      for (int64_t ow = 0; ow < lo; ++ow) {
-        border(ow);
+        store_opmath(y + ow, a0, V), store_opmath(y + ow + V, a1, V);
+        store_opmath(y + ow + 2 * V, a2, V), store_opmath(y + ow + 3 * V, a3, V);
       }
-      for (int64_t ow = lo; ow < hi; ow += V) {
+      for (; ow < hi; ow += V) {
         const int64_t m = std::min(V, hi - ow);
         Vec a(init);
         for (int64_t k = 0; k < K; ++k) {
-          a = at::vec::fmadd(load_opmath(x + ow + k * p.dw, m), Vec(w[k]), a);
+          a = at::vec::fmadd(load_opmath(x + ow + k * dw, m), Vec(w[k]), a);
         }
         store_opmath(y + ow, a, m);
       }
-      for (int64_t ow = hi; ow < OL; ++ow) {
-        border(ow);
+      const auto border = [&](int64_t from, int64_t to) {  // tap by tap
+        for (int64_t ow = from; ow < to; ++ow) {
+          acc_t a = init;
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t i = ow - pw + k * dw;
+            if (i >= 0 && i < L) {
+              a += w[k] * static_cast<acc_t>(x[ow + k * dw]);
+            }
+          }
+          y[ow] = static_cast<scalar_t>(a);
+        }
+      };
+      border(0, lo);
+      border(hi, OL);
+      // The next row: the next output channel, and its source plane.
+      if (++oc == planes) {
+        oc = 0;
+        src += L;  // the next image's first plane follows this image's last
+      } else if (oc % M == 0) {
+        src += L;
       }
     }
   });
@@ -632,10 +670,9 @@ void fill_block(
         std::fill_n(dst + hi * V, (Wp - hi) * V, acc_t(0));
         continue;
       }
-      for (int64_t t = 0; t < Wp; ++t) {
-        const int64_t col = t - p.pw;
-        const bool have = col >= 0 && col % p.uw == 0 && col / p.uw < p.Ws;
-        (have ? load_opmath(s + (col / p.uw) * p.src_channels, nc) : Vec(0)).store(dst + t * V);
+      std::fill_n(dst, Wp * V, acc_t(0));  // a spread-out gradient: each source pixel at its place
+      for (int64_t b = std::max<int64_t>(0, div_ceil(-p.pw, p.uw)); b < p.Ws && b * p.uw + p.pw < Wp; ++b) {
+        load_opmath(s + b * p.src_channels, nc).store(dst + (b * p.uw + p.pw) * V);
       }
       continue;
     }
@@ -674,11 +711,8 @@ void fill_block(
     std::fill_n(dst, Wp * V, acc_t(0));
     for (int64_t l = 0; l < nc; ++l) {
       const scalar_t* s = p.src + (n * p.src_channels + p.source_of(c0 + l, j)) * plane + row * p.Ws;
-      for (int64_t t = lo; t < Wp; ++t) {
-        const int64_t col = t - p.pw;
-        if (col % p.uw == 0 && col / p.uw < p.Ws) {
-          dst[t * V + l] = static_cast<acc_t>(s[col / p.uw]);
-        }
+      for (int64_t b = std::max<int64_t>(0, div_ceil(-p.pw, p.uw)); b < p.Ws && b * p.uw + p.pw < Wp; ++b) {
+        dst[(b * p.uw + p.pw) * V + l] = static_cast<acc_t>(s[b]);
       }
     }
   }
@@ -921,6 +955,46 @@ void cl_pass(const RowPass<scalar_t>& p, bool serial) {
   });
 }
 
+// sums[kw] = sum over columns ow in [A, B) of grad[ow] * x[ow * sw + kw * dw - pw], kw < KW
+// (every tap inside the row there): one pass, the gradient vector loaded once per column.
+template <int KW, typename scalar_t, typename Vec>
+inline void wgrad_columns_fixed(
+    const scalar_t* grow, const scalar_t* xrow, int64_t C, int64_t nc, int64_t sw, int64_t dw, int64_t pw, int64_t A,
+    int64_t B, Vec* sums) {
+  Vec s[KW];
+#pragma GCC unroll 8
+  for (int kw = 0; kw < KW; ++kw) {
+    s[kw] = Vec(0);
+  }
+  for (int64_t ow = A; ow < B; ++ow) {
+    const Vec gv = load_opmath(grow + ow * C, nc);
+    const scalar_t* xp = xrow + (ow * sw - pw) * C;
+#pragma GCC unroll 8
+    for (int kw = 0; kw < KW; ++kw) {
+      s[kw] = at::vec::fmadd(gv, load_opmath(xp + kw * dw * C, nc), s[kw]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int kw = 0; kw < KW; ++kw) {
+    sums[kw] = s[kw];
+  }
+}
+
+template <typename scalar_t, typename Vec>
+inline void wgrad_columns(
+    const scalar_t* grow, const scalar_t* xrow, int64_t C, int64_t nc, int64_t sw, int64_t dw, int64_t pw, int64_t KW,
+    int64_t A, int64_t B, Vec* sums) {
+  switch (KW) {
+    case 1: return wgrad_columns_fixed<1>(grow, xrow, C, nc, sw, dw, pw, A, B, sums);
+    case 2: return wgrad_columns_fixed<2>(grow, xrow, C, nc, sw, dw, pw, A, B, sums);
+    case 3: return wgrad_columns_fixed<3>(grow, xrow, C, nc, sw, dw, pw, A, B, sums);
+    case 4: return wgrad_columns_fixed<4>(grow, xrow, C, nc, sw, dw, pw, A, B, sums);
+    case 5: return wgrad_columns_fixed<5>(grow, xrow, C, nc, sw, dw, pw, A, B, sums);
+    case 6: return wgrad_columns_fixed<6>(grow, xrow, C, nc, sw, dw, pw, A, B, sums);
+    default: return wgrad_columns_fixed<7>(grow, xrow, C, nc, sw, dw, pw, A, B, sums);  // KW == 7
+  }
+}
+
 // grad_weight [C, K] and grad_bias [C] of channels_last, M = 1 (NOTE, part 4).
 template <typename scalar_t>
 void cl_weight_grad(
@@ -952,13 +1026,26 @@ void cl_weight_grad(
               continue;
             }
             const scalar_t* xrow = x + (n * g.H + ih) * g.W * C + c0;
+            // Columns where every tap lies inside the row, [A, B): all the row's taps at once,
+            // one sum each (independent FMA chains, the output gradient loaded once).
+            const int64_t A = std::clamp<int64_t>(div_ceil(g.pw, g.sw), 0, g.OW);
+            const int64_t B = std::clamp<int64_t>(div_floor(g.W - 1 + g.pw - (g.KW - 1) * g.dw, g.sw) + 1, A, g.OW);
+            Vec sums[kMaxTapsAtOnce];
+            const bool at_once = g.KW <= kMaxTapsAtOnce;
+            if (at_once) {
+              wgrad_columns(grow + c0, xrow, C, nc, g.sw, g.dw, g.pw, g.KW, A, B, sums);
+            }
             for (int64_t kw = 0; kw < g.KW; ++kw) {
-              // Output columns whose tap kw lies inside the row.
+              // The rest of the columns whose tap kw lies inside the row.
               const int64_t off = kw * g.dw - g.pw;
               const int64_t a = std::clamp<int64_t>(div_ceil(-off, g.sw), 0, g.OW);
               const int64_t b = std::clamp<int64_t>(div_floor(g.W - 1 - off, g.sw) + 1, a, g.OW);
-              Vec s(0);
+              Vec s = at_once ? sums[kw] : Vec(0);
               for (int64_t ow = a; ow < b; ++ow) {
+                if (at_once && ow == A && B > A) {
+                  ow = B - 1;  // [A, B) done above
+                  continue;
+                }
                 s = at::vec::fmadd(load_opmath(grow + ow * C + c0, nc), load_opmath(xrow + (ow * g.sw + off) * C, nc), s);
               }
               acc_t* dst = part + (kh * g.KW + kw) * Cpad + c0;
@@ -1097,18 +1184,23 @@ std::pair<const opmath_t<scalar_t>*, const opmath_t<scalar_t>*> tables(
   acc_t* t = scratch<acc_t>(0, size + Cpad);
   acc_t* b = t + size;
   std::fill_n(t, size + Cpad, acc_t(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t v = static_cast<acc_t>(wp[r * K + (flip ? K - 1 - k : k)]);
-      (blocked ? t[((r % J) * K + k) * Cpad + r / J] : t[r * K + k]) = v;
+  for (int64_t j = 0; j < (blocked ? J : 1); ++j) {
+    for (int64_t c = 0; c < (blocked ? rows / J : rows); ++c) {
+      const scalar_t* src = wp + (blocked ? c * J + j : c) * K;  // weight row c * J + j (or c)
+      acc_t* dst = blocked ? t + j * K * Cpad + c : t + c * K;
+      const int64_t step = blocked ? Cpad : 1;
+      for (int64_t k = 0; k < K; ++k) {
+        dst[k * step] = static_cast<acc_t>(src[flip ? K - 1 - k : k]);
+      }
     }
   }
   if (!bias) {
     return {t, nullptr};
   }
   const at::Tensor bc = bias->contiguous();
+  const scalar_t* bp = bc.const_data_ptr<scalar_t>();
   for (int64_t r = 0; r < rows; ++r) {
-    b[r] = static_cast<acc_t>(bc.const_data_ptr<scalar_t>()[r]);
+    b[r] = static_cast<acc_t>(bp[r]);
   }
   return {t, b};
 }
@@ -1125,11 +1217,10 @@ void run_pass(
   constexpr int64_t V = at::vec::Vectorized<opmath_t<scalar_t>>::size();
   const int64_t M = J > 1 ? 1 : channels / src_channels;
   TORCH_INTERNAL_ASSERT(!cl || (M == 1 && J == 1), "depthwise_conv: channels_last passes take M == 1");
-  const Path path = path_of(cl, OH, OW);
+  // channels_last rows read the source in place: a spread-out one (a strided convolution's input
+  // gradient) goes to blocks, whose scratch holds its zeros.
+  const Path path = cl && (uh > 1 || uw > 1) ? Path::kBlocks : path_of(cl, OH, OW);
   const auto [table, b] = tables<scalar_t>(weight, bias, g.taps(), path != Path::kPlanes, flip, J);
-  if (path == Path::kRows && (uh > 1 || uw > 1)) {
-    TORCH_INTERNAL_ASSERT(false, "depthwise_conv: channels_last rows take an unspread source");
-  }
   if (path == Path::kRows) {
     RowPass<scalar_t> p{src, g.N, channels, Hs, Ws, out, OH, OW, g.KH, g.KW, sh, sw, ph, pw, g.dh, g.dw,
                         table, div_ceil(channels, V) * V, b};
@@ -1216,15 +1307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
         // The output gradient spread out by the stride, padded by d * (k - 1) - p, flipped kernel.
         const int64_t qh = g.dh * (g.KH - 1) - g.ph, qw = g.dw * (g.KW - 1) - g.pw;
         if (cl) {
-          at::Tensor src = gy;  // spread out by the stride (zeros between)
-          const int64_t Hz = (g.OH - 1) * g.sh + 1, Wz = (g.OW - 1) * g.sw + 1;
-          if (g.sh > 1 || g.sw > 1) {
-            src = at::zeros(a.is1d ? std::vector<int64_t>{g.N, Wz, Cout} : std::vector<int64_t>{g.N, Hz, Wz, Cout},
-                            gy.options());
-            auto dst = a.is1d ? src.slice(1, 0, Wz, g.sw) : src.slice(1, 0, Hz, g.sh).slice(2, 0, Wz, g.sw);
-            dst.copy_(a.is1d ? gy.transpose(1, 2) : gy.permute({0, 2, 3, 1}));
-          }
-          run_pass<scalar_t>(weight, nullptr, true, src.const_data_ptr<scalar_t>(), Cout, Hz, Wz, 1, 1,
+          run_pass<scalar_t>(weight, nullptr, true, gy.const_data_ptr<scalar_t>(), Cout, g.OH, g.OW, g.sh, g.sw,
                              gi_e.mutable_data_ptr<scalar_t>(), Cout, g.H, g.W, ge, qh, qw, 1, 1, 1, true, serial);
           if (g.M > 1) {
             const auto v = a.is1d ? gi_e.view({g.N, g.C, g.M, g.W}) : gi_e.view({g.N, g.C, g.M, g.H, g.W});
@@ -1334,6 +1417,19 @@ std::string depthwise_path(
 // ---- autograd (NOTE: registration) -----------------------------------------------------------
 
 template <bool kIs1d>
+const auto& backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(
+              kIs1d ? "torchvision_cpu_ext::_depthwise_conv1d_backward" : "torchvision_cpu_ext::_depthwise_conv2d_backward",
+              "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+              at::IntArrayRef, std::array<bool, 3>)>();
+  return op;
+}
+
+template <bool kIs1d>
 class DepthwiseFunction : public torch::autograd::Function<DepthwiseFunction<kIs1d>> {
  public:
   static at::Tensor forward(
@@ -1353,12 +1449,7 @@ class DepthwiseFunction : public torch::autograd::Function<DepthwiseFunction<kIs
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow(kIs1d ? "torchvision_cpu_ext::_depthwise_conv1d_backward" : "torchvision_cpu_ext::_depthwise_conv2d_backward", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                                  at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                                                                  std::array<bool, 3>)>();
+    const auto& op = backward_op<kIs1d>();
     const auto saved = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["bias"].toBool();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
@@ -1380,8 +1471,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> autograd_backward(
   const bool recording = at::GradMode::is_enabled() && (grad.requires_grad() || input.requires_grad() || weight.requires_grad());
   TORCH_CHECK(!recording, kIs1d ? "_depthwise_conv1d_backward" : "_depthwise_conv2d_backward",
               ": double backward (differentiating the gradient, e.g. create_graph=True) is not implemented");
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return tvce::backward(kIs1d ? k1dBwd : k2dBwd, grad, input, weight, stride, padding, dilation, mask);
+  at::AutoDispatchBelowADInplaceOrView guard;  // on to the backend kernel (or a fake one when traced)
+  return backward_op<kIs1d>().call(grad, input, weight, stride, padding, dilation, mask);
 }
 
 template <bool kIs1d>
