@@ -473,6 +473,11 @@ def fmt_where(profiles: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def fmt_seconds(s: float) -> str:
+    """Three decimals, four below 0.1 s (a classifier's calls take milliseconds)."""
+    return f"{s:.3f}" if s >= 0.1 else f"{s:.4f}"
+
+
 def fmt_table(results: list[dict]) -> str:
     lines = [
         "| batch | threads | implementation | layout | dtype | median s/iter | speedup vs stock NCHW fp32 "
@@ -484,7 +489,7 @@ def fmt_table(results: list[dict]) -> str:
         same = r.get("speedup_same_layout_dtype")
         lines.append(
             f"| {r['batch']} | {r['threads']} | {'torchvision_cpu_ext' if c['impl'] == 'ext' else 'stock torchvision'} "
-            f"| {c['layout']} | {c['dtype']} | {r['median_s']:.3f} | {r['speedup']:.2f}x "
+            f"| {c['layout']} | {c['dtype']} | {fmt_seconds(r['median_s'])} | {r['speedup']:.2f}x "
             f"| {'' if same is None else f'{same:.2f}x'} |"
         )
     return "\n".join(lines)
