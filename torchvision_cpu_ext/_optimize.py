@@ -46,6 +46,29 @@ def _prepare(conv: nn.Conv1d | nn.Conv2d) -> None:
     conv._dw_dilation = tuple(conv.dilation)
 
 
+def _op_forward(m: nn.Module, x: Tensor, dim: int, op) -> Tensor | None:
+    """The swapped module's forward on our op, or None where the op does not take x (then
+    nn.Conv's forward runs). Never reached under TorchScript (the forwards' is_scripting guard)."""
+    # weight and bias from _parameters: nn.Module.__getattr__ would cost as much as all the
+    # checks; a computed weight or bias (parametrized, weight_norm) is not in it.
+    params, dtype = m._parameters, x.dtype
+    if (
+        x.is_cpu
+        and x.dim() == dim
+        and "weight" in params
+        and "bias" in params
+        and (dtype == params["weight"].dtype or torch.is_autocast_enabled("cpu"))
+        and dtype in _OP_DTYPES
+        and _fwAD._current_level < 0
+        and not _functorch_active()
+    ):
+        pad = m._dw_pad
+        if pad is not None:
+            x = F.pad(x, pad[0], mode=pad[1])
+        return op(x, params["weight"], params["bias"], m._dw_stride, m._dw_padding, m._dw_dilation)
+    return None
+
+
 class DepthwiseConv1d(nn.Conv1d):
     """An nn.Conv1d with groups == in_channels (any channel multiplier) whose forward calls
     torchvision_cpu_ext::depthwise_conv1d. The same parameters, state_dict and results (within
@@ -62,23 +85,9 @@ class DepthwiseConv1d(nn.Conv1d):
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
-            # weight and bias from _parameters: nn.Module.__getattr__ would cost as much as all the
-            # checks; a computed weight or bias (parametrized, weight_norm) is not in it.
-            params, dtype = self._parameters, x.dtype
-            if (
-                x.is_cpu
-                and x.dim() == 3
-                and "weight" in params
-                and "bias" in params
-                and (dtype == params["weight"].dtype or torch.is_autocast_enabled("cpu"))
-                and dtype in _OP_DTYPES
-                and _fwAD._current_level < 0
-                and not _functorch_active()
-            ):
-                pad = self._dw_pad
-                if pad is not None:
-                    x = F.pad(x, pad[0], mode=pad[1])
-                return _DW1D(x, params["weight"], params["bias"], self._dw_stride, self._dw_padding, self._dw_dilation)
+            out = _op_forward(self, x, 3, _DW1D)
+            if out is not None:
+                return out
         return self._conv_forward(x, self.weight, self.bias)
 
 
@@ -91,21 +100,9 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
-            params, dtype = self._parameters, x.dtype
-            if (
-                x.is_cpu
-                and x.dim() == 4
-                and "weight" in params
-                and "bias" in params
-                and (dtype == params["weight"].dtype or torch.is_autocast_enabled("cpu"))
-                and dtype in _OP_DTYPES
-                and _fwAD._current_level < 0
-                and not _functorch_active()
-            ):
-                pad = self._dw_pad
-                if pad is not None:
-                    x = F.pad(x, pad[0], mode=pad[1])
-                return _DW2D(x, params["weight"], params["bias"], self._dw_stride, self._dw_padding, self._dw_dilation)
+            out = _op_forward(self, x, 4, _DW2D)
+            if out is not None:
+                return out
         return self._conv_forward(x, self.weight, self.bias)
 
 

@@ -489,24 +489,19 @@ struct BlockPass {
   int64_t source_of(int64_t c, int64_t j) const { return J == 1 ? c / M : c * J + j; }
 };
 
-// A run of R output pixels of one row from the block scratch (rows of Wp pixels of V lanes):
-// acc[r] (+)= sum over taps. The common kernels (KW columns, stride S, dilation 1: kFast) load
-// each input vector of a kernel row once for every (pixel, column) pair that reads it and keep
-// the row's KW weight vectors in registers; the generic one loads per tap.
-template <int KW, int S, int R, typename acc_t>
-inline void block_run(
-    const acc_t* in, int64_t Wp, const acc_t* table, int64_t Cpad, int64_t KH, int64_t dh, acc_t* acc_out, int64_t nr,
-    bool accumulate, const acc_t* bias) {
+// The taps of kernel rows [kh0, kh1) for a run of R output pixels (NOTE, part 3), into acc: x is
+// the run's first input pixel in kernel row kh0, pixels `pix` elements apart and kernel rows `row`
+// elements apart, nc lanes. For the common kernels (KW columns, stride S, dilation 1) each input
+// vector of a kernel row is loaded once for every (pixel, column) pair that reads it, and the
+// row's KW weight vectors stay in registers. Shared by blocks (the scratch) and rows (in place).
+template <int KW, int S, int R, typename in_t, typename acc_t = opmath_t<in_t>>
+inline void run_taps(
+    at::vec::Vectorized<acc_t>* acc, const in_t* x, int64_t pix, int64_t row, int64_t kh0, int64_t kh1,
+    const acc_t* table, int64_t Cpad, int64_t nc) {
   using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
   constexpr int kSpan = (R - 1) * S + KW;
-  Vec acc[R];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {  // pixels past nr are computed (from the scratch's slack) and dropped
-    acc[r] = accumulate && r < nr ? Vec::loadu(acc_out + r * V) : (bias ? Vec::loadu(bias) : Vec(0));
-  }
-  for (int64_t kh = 0; kh < KH; ++kh) {
-    const acc_t* x = in + kh * dh * Wp * V;
+  for (int64_t kh = kh0; kh < kh1; ++kh) {
+    const in_t* xr = x + (kh - kh0) * row;
     Vec w[KW];
 #pragma GCC unroll 8
     for (int kw = 0; kw < KW; ++kw) {
@@ -514,7 +509,7 @@ inline void block_run(
     }
 #pragma GCC unroll 32
     for (int j = 0; j < kSpan; ++j) {
-      const Vec xv = Vec::loadu(x + j * V);
+      const Vec xv = load_opmath(xr + j * pix, nc);
 #pragma GCC unroll 8
       for (int kw = 0; kw < KW; ++kw) {
         const int d = j - kw;
@@ -524,6 +519,23 @@ inline void block_run(
       }
     }
   }
+}
+
+// A run of R output pixels of one row from the block scratch (rows of Wp pixels of V lanes):
+// acc[r] (+)= sum over taps, through run_taps for the common kernels; the generic one (any
+// width, stride and dilation) loads per tap.
+template <int KW, int S, int R, typename acc_t>
+inline void block_run(
+    const acc_t* in, int64_t Wp, const acc_t* table, int64_t Cpad, int64_t KH, int64_t dh, acc_t* acc_out, int64_t nr,
+    bool accumulate, const acc_t* bias) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec acc[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {  // pixels past nr are computed (from the scratch's slack) and dropped
+    acc[r] = accumulate && r < nr ? Vec::loadu(acc_out + r * V) : (bias ? Vec::loadu(bias) : Vec(0));
+  }
+  run_taps<KW, S, R>(acc, in, V, dh * Wp * V, 0, KH, table, Cpad, V);
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     if (r < nr) {
@@ -856,16 +868,19 @@ inline void cl_run(const RowPass<scalar_t>& p, const scalar_t* img, scalar_t* or
   }
 }
 
-// R pixels inside the row for the common kernels (KW columns, stride S, dilation 1): each input
-// vector of a kernel row is loaded once for every (pixel, column) pair that reads it, and the
-// row's KW weight vectors stay in registers.
+// R pixels inside the row for the common kernels (KW columns, stride S, dilation 1): run_taps on
+// the channels_last tensor in place.
 template <int KW, int S, int R, typename scalar_t>
 void cl_run_interior(const RowPass<scalar_t>& p, const scalar_t* img, scalar_t* orow, int64_t oh, int64_t ow0) {
   using acc_t = opmath_t<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  constexpr int kSpan = (R - 1) * S + KW;
   const int64_t C = p.C;
+  // Kernel rows inside the map: ih = oh * sh - ph + kh * dh in [0, Hs).
+  const int64_t top = oh * p.sh - p.ph;
+  const int64_t kh0 = std::clamp<int64_t>(div_ceil(-top, p.dh), 0, p.KH);
+  const int64_t kh1 = std::clamp<int64_t>(div_floor(p.Hs - 1 - top, p.dh) + 1, kh0, p.KH);
+  const scalar_t* x = img + ((top + kh0 * p.dh) * p.Ws + ow0 * S - p.pw) * C;
   for (int64_t c0 = 0; c0 < C; c0 += V) {
     const int64_t nc = std::min(V, C - c0);
     const Vec init = p.bias ? Vec::loadu(p.bias + c0) : Vec(0);
@@ -874,30 +889,7 @@ void cl_run_interior(const RowPass<scalar_t>& p, const scalar_t* img, scalar_t* 
     for (int r = 0; r < R; ++r) {
       acc[r] = init;
     }
-    for (int64_t kh = 0; kh < p.KH; ++kh) {
-      const int64_t ih = oh * p.sh - p.ph + kh * p.dh;
-      if (ih < 0 || ih >= p.Hs) {
-        continue;
-      }
-      const scalar_t* x = img + (ih * p.Ws + ow0 * S - p.pw) * C + c0;
-      const acc_t* wrow = p.table + kh * KW * p.Cpad + c0;
-      Vec w[KW];
-#pragma GCC unroll 8
-      for (int kw = 0; kw < KW; ++kw) {
-        w[kw] = Vec::loadu(wrow + kw * p.Cpad);
-      }
-#pragma GCC unroll 32
-      for (int j = 0; j < kSpan; ++j) {
-        const Vec xv = load_opmath(x + j * C, nc);
-#pragma GCC unroll 8
-        for (int kw = 0; kw < KW; ++kw) {
-          const int d = j - kw;
-          if (d >= 0 && d % S == 0 && d / S < R) {
-            acc[d / S] = at::vec::fmadd(xv, w[kw], acc[d / S]);
-          }
-        }
-      }
-    }
+    run_taps<KW, S, R>(acc, x + c0, C, p.dh * p.Ws * C, kh0, kh1, p.table + c0, p.Cpad, nc);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       store_opmath(orow + (ow0 + r) * C + c0, acc[r], nc);

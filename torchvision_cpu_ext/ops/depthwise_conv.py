@@ -56,6 +56,14 @@ def _padding(
     return input, left
 
 
+def _call(dims: int, input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> Tensor:
+    """The op of `dims` spatial dimensions on F.conv's arguments, made explicit."""
+    stride_, dilation_ = _tuple(stride, dims, "stride"), _tuple(dilation, dims, "dilation")
+    input, padding_ = _padding(input, weight, padding, stride_, dilation_, dims)
+    op = getattr(torch.ops.torchvision_cpu_ext, f"depthwise_conv{dims}d")
+    return op(input, weight, bias, stride_, padding_, dilation_)
+
+
 def depthwise_conv1d(
     input: Tensor,
     weight: Tensor,
@@ -67,9 +75,7 @@ def depthwise_conv1d(
     """F.conv1d(input, weight, bias, stride, padding, dilation, groups=input.size(1)) on our kernel.
     input [N, C, L] (contiguous, or [N, L, C]-strided: the output keeps the layout); weight
     [C * M, 1, k]."""
-    stride_, dilation_ = _tuple(stride, 1, "stride"), _tuple(dilation, 1, "dilation")
-    input, padding_ = _padding(input, weight, padding, stride_, dilation_, 1)
-    return torch.ops.torchvision_cpu_ext.depthwise_conv1d(input, weight, bias, stride_, padding_, dilation_)
+    return _call(1, input, weight, bias, stride, padding, dilation)
 
 
 def depthwise_conv2d(
@@ -83,9 +89,7 @@ def depthwise_conv2d(
     """F.conv2d(input, weight, bias, stride, padding, dilation, groups=input.size(1)) on our kernel.
     input [N, C, H, W] (contiguous or channels_last: the output keeps the layout); weight
     [C * M, 1, kh, kw]."""
-    stride_, dilation_ = _tuple(stride, 2, "stride"), _tuple(dilation, 2, "dilation")
-    input, padding_ = _padding(input, weight, padding, stride_, dilation_, 2)
-    return torch.ops.torchvision_cpu_ext.depthwise_conv2d(input, weight, bias, stride_, padding_, dilation_)
+    return _call(2, input, weight, bias, stride, padding, dilation)
 
 
 def register() -> None:
