@@ -63,7 +63,8 @@
 // 5. Threads and small calls. Calls of fewer than kSerialWork multiply-adds run on the calling
 //    thread with no parallel region; the scratch buffers are thread-local and kept, and the
 //    weights' tables live in the calling thread's scratch, so a small call allocates nothing but
-//    its output. Larger calls split NCHW by (image, channel, band) and channels_last by rows.
+//    its output. Larger calls split planes by (image, channel, band), rows by output row and
+//    blocks by (image, channel block, band).
 //    `describe` reports the path a call takes; info's depthwise_path() prints it.
 //
 // 6. Dtypes. float32 and float64 accumulate in their own type; bfloat16 and float16 are widened
