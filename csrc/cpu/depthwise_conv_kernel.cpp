@@ -469,15 +469,14 @@ void plane_weight_grad(
 
 // out[n, c, oh, ow] (c in one block of V channels) = bias[c] + sum over j < J and taps of
 // table[j][t][c] * source[n, src_of(c, j)] at the tap, the source spread by (uh, uw) and
-// padded by (ph, pw). Source and output are dense NCHW or channels_last (src_cl, out_cl).
+// padded by (ph, pw). Source and output are both dense NCHW or both channels_last (cl).
 template <typename scalar_t>
 struct BlockPass {
   using acc_t = opmath_t<scalar_t>;
+  bool cl;
   const scalar_t* src;
-  bool src_cl;
   int64_t src_channels, Hs, Ws, uh, uw;
   scalar_t* out;
-  bool out_cl;
   int64_t channels, OH, OW;  // of the output
   int64_t KH, KW, sh, sw, ph, pw, dh, dw;
   int64_t J, M;  // J == 1: source channel c / M; else source channel c * J + j
@@ -661,7 +660,7 @@ void fill_block(
   const int64_t Wp = p.Wp();
   // Source columns of scratch pixels t = u * col + pw (u == 1: a contiguous run [lo, hi)).
   const int64_t lo = std::clamp<int64_t>(p.pw, 0, Wp), hi = std::clamp<int64_t>(p.pw + p.Ws, lo, Wp);
-  if (!p.src_cl && p.uw == 1 && p.uh == 1) {
+  if (!p.cl && p.uw == 1 && p.uh == 1) {
     fill_block_planes(p, n, c0, nc, j, oh0, rows_in, in, stage, lo, hi);
     return;
   }
@@ -673,7 +672,7 @@ void fill_block(
       continue;
     }
     const int64_t row = v / p.uh;
-    if (p.src_cl) {  // pixels of src_channels lanes; the block's are contiguous
+    if (p.cl) {  // pixels of src_channels lanes; the block's are contiguous
       const scalar_t* s = p.src + ((n * p.Hs + row) * p.Ws) * p.src_channels + p.source_of(c0, j);
       if (p.uw == 1) {
         std::fill_n(dst, lo * V, acc_t(0));
@@ -782,7 +781,7 @@ void block_pass(const BlockPass<scalar_t>& p, int64_t N, bool serial) {
                             j > 0, bias);
         }
       }
-      if (p.out_cl) {
+      if (p.cl) {
         for (int64_t b = 0; b < rows; ++b) {
           scalar_t* dst = p.out + ((n * p.OH + oh0 + b) * p.OW) * p.channels + c0;
           for (int64_t ow = 0; ow < p.OW; ++ow) {
@@ -1227,7 +1226,7 @@ void run_pass(
       plane_pass(p, g.N, serial);
     }
   } else {
-    BlockPass<scalar_t> p{src, cl, src_channels, Hs, Ws, uh, uw, out, cl, channels, OH, OW, g.KH, g.KW, sh, sw, ph, pw,
+    BlockPass<scalar_t> p{cl, src, src_channels, Hs, Ws, uh, uw, out, channels, OH, OW, g.KH, g.KW, sh, sw, ph, pw,
                           g.dh, g.dw, J, M, table, div_ceil(channels, V) * V, b};
     block_pass(p, g.N, serial);
   }
@@ -1278,12 +1277,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     gi = new_output(g, g.C, g.H, g.W, input.options(), cl, a.is1d);
   }
   const auto acc_type = at::toOpMathType(input.scalar_type());
-  at::Tensor gw_acc = at::empty({Cout, K + 1}, input.options().dtype(acc_type));  // taps, then the bias
+  at::Tensor gw_acc = at::empty({Cout, K}, input.options().dtype(acc_type));
+  at::Tensor gb_acc = at::empty({Cout}, input.options().dtype(acc_type));
   if (g.N == 0 || g.OH * g.OW == 0) {
     if (gi.defined()) {
       gi.zero_();
     }
     gw_acc.zero_();
+    gb_acc.zero_();
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "depthwise_conv_backward", [&] {
       using acc_t = opmath_t<scalar_t>;
@@ -1313,26 +1314,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       }
       if (mask[1] || mask[2]) {
         acc_t* w_out = gw_acc.mutable_data_ptr<acc_t>();
-        std::vector<acc_t> taps(Cout * K), sums(Cout);
+        acc_t* b_out = gb_acc.mutable_data_ptr<acc_t>();
         if (cl) {
-          cl_weight_grad<scalar_t>(ge, x.const_data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(), taps.data(),
-                                   sums.data(), serial);
+          cl_weight_grad<scalar_t>(ge, x.const_data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(), w_out, b_out, serial);
         } else {
-          plane_weight_grad<scalar_t>(g, x.const_data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(), taps.data(),
-                                      sums.data(), serial);
-        }
-        for (int64_t oc = 0; oc < Cout; ++oc) {
-          std::copy_n(taps.data() + oc * K, K, w_out + oc * (K + 1));
-          w_out[oc * (K + 1) + K] = sums[oc];
+          plane_weight_grad<scalar_t>(g, x.const_data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(), w_out, b_out,
+                                      serial);
         }
       }
     });
   }
   if (mask[1]) {
-    gw = gw_acc.narrow(1, 0, K).to(weight.scalar_type()).reshape(weight.sizes()).contiguous();
+    gw = gw_acc.to(weight.scalar_type()).view(weight.sizes());
   }
   if (mask[2]) {
-    gb = gw_acc.select(1, K).to(weight.scalar_type()).contiguous();
+    gb = gb_acc.to(weight.scalar_type());
   }
   return {gi, gw, gb};
 }
