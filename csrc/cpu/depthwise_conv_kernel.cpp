@@ -15,9 +15,13 @@
 //
 // 2. Three passes (path_of): NCHW rows wider than kBlockWidth (and every NCHW conv1d) run on
 //    planes, channels_last rows wider than it on rows, narrower maps of either layout in blocks.
-//    The input gradient is the same pass on the output gradient: spread out by the stride (zeros
-//    in between), padded by d * (k - 1) - p, with the kernel flipped, and summed over the M
-//    output channels of each input channel.
+//    The input gradient is the same pass on the output gradient, padded by d * (k - 1) - p, with
+//    the kernel flipped, and summed over the M output channels of each input channel. At stride s
+//    it is split by phase: input position r + s * i (r < s) receives only the taps k with
+//    (r + p - k * d) % s == 0, a stride-1 convolution of the output gradient with that phase's
+//    sub-kernel (phase_of). channels_last runs every phase on rows (cl_input_grad), NCHW planes
+//    the row phases (plane_input_grad) with the gradient spread out by the stride in columns
+//    (zeros in between); narrow NCHW maps spread it out in both directions, in blocks.
 //
 //    Planes (plane_pass, after XNNPACK's CHW kernels): a band of B output rows of one output plane
 //    at a time (the band's scratch fits L2: band_rows). Its input rows are first copied into a
@@ -46,8 +50,7 @@
 //      copied into a zero-padded scratch of V-lane pixels (NCHW planes transposed into it; a
 //      spread-out gradient written with its zeros), so every run is unchecked and a 7x7 map
 //      fills its vectors; the results are written back per row (NCHW: transposed). A strided
-//      convolution's channels_last input gradient runs here too, whatever its width: the
-//      scratch holds the spread-out gradient's zeros, which rows would have to materialize.
+//      NCHW input gradient on a narrow map is filled in with the spread-out gradient's zeros.
 //    A channel multiplier M > 1 in channels_last repeats each input channel M times first
 //    (repeat_interleave) and runs with M = 1: correct and simple, at the cost of a copy; NCHW
 //    planes and blocks map each output channel to its input plane directly.
@@ -108,7 +111,7 @@ constexpr int64_t kBandBytes = 96 * 1024;
 constexpr int64_t kWeightChunks = 16;
 // Widest output rows that run as blocks (NOTE, parts 2 and 3: path_of).
 constexpr int64_t kBlockWidth = 28;
-// channels_last weight gradient: kernel widths whose taps are summed in one pass over a row.
+// Weight gradients: taps summed at once in one pass (their sums in registers).
 constexpr int64_t kMaxTapsAtOnce = 7;
 // Output pixels per channels_last run at the borders (accumulator vectors).
 constexpr int kRun = 4;
@@ -177,6 +180,12 @@ struct PlanePass {
   bool gather;         // source and row p * J + j (else p / (out_planes / src_planes) and p)
   const acc_t* table;  // [rows][KH * KW], flipped already where the pass needs it
   const acc_t* bias;   // [out_planes] or null
+  // The output's row and plane strides in elements; 0: dense planes of OH x OW. A row phase of a
+  // strided convolution's input gradient writes every sh-th row (plane_input_grad).
+  int64_t out_row = 0, out_plane = 0;
+
+  int64_t orow() const { return out_row ? out_row : OW; }
+  int64_t oplane() const { return out_plane ? out_plane : OH * OW; }
 
   int64_t Wq() const { return OW + (KW - 1) * dw / sw; }
   int64_t Rq(int64_t B) const { return B + (KH - 1) * dh / sh; }
@@ -228,7 +237,14 @@ void fill_row(acc_t* dst, int64_t n, const scalar_t* src, int64_t Ws, int64_t st
   }
   if (step == 1) {  // a spread-out gradient: zeros, then each source column at its position
     std::fill_n(dst, n, acc_t(0));
-    for (int64_t b = std::max<int64_t>(0, div_ceil(start, u)); b < Ws && b * u - start < n; ++b) {
+    int64_t b = std::max<int64_t>(0, div_ceil(start, u));
+    if (u == 2) {  // V source columns at a time, interleaved with zeros
+      for (; b + V <= Ws && 2 * (b + V) - start <= n; b += V) {
+        const auto [lo, hi] = at::vec::interleave2(load_opmath(src + b, V), Vec(0));
+        lo.store(dst + 2 * b - start), hi.store(dst + 2 * b - start + V);
+      }
+    }
+    for (; b < Ws && b * u - start < n; ++b) {
       dst[b * u - start] = static_cast<acc_t>(src[b]);
     }
     return;
@@ -328,15 +344,16 @@ void plane_pass(const PlanePass<scalar_t>& p, int64_t N, bool serial) {
         fill_band(p, p.src + (n * p.src_planes + s) * p.Hs * p.Ws, oh0, rows, planes, PS);
         band_conv(acc, (rows - 1) * Wq + p.OW, planes, tap_at.data(), p.table + row * K, K, j > 0, init);
       }
-      scalar_t* dst = p.out + (plane * p.OH + oh0) * p.OW;
+      scalar_t* dst = p.out + plane * p.oplane() + oh0 * p.orow();
       for (int64_t b = 0; b < rows; ++b) {
         const acc_t* a = acc + b * Wq;
+        scalar_t* d = dst + b * p.orow();
         int64_t i = 0;
         for (; i + V <= p.OW; i += V) {
-          store_opmath(dst + b * p.OW + i, at::vec::Vectorized<acc_t>::loadu(a + i), V);
+          store_opmath(d + i, at::vec::Vectorized<acc_t>::loadu(a + i), V);
         }
         if (i < p.OW) {
-          store_opmath(dst + b * p.OW + i, at::vec::Vectorized<acc_t>::loadu(a + i, p.OW - i), p.OW - i);
+          store_opmath(d + i, at::vec::Vectorized<acc_t>::loadu(a + i, p.OW - i), p.OW - i);
         }
       }
     }
@@ -414,6 +431,59 @@ void row_pass(const PlanePass<scalar_t>& p, int64_t N, bool serial) {
   });
 }
 
+// sums[u] += sum over the band's rows b and columns ow < OW of grad[b * OW + ow] *
+// planes[at[u] + b * Wq + ow], u < T: the taps' sums in registers, the gradient loaded once per
+// group of taps.
+template <int T, typename scalar_t, typename Vec>
+void wgrad_taps_fixed(const scalar_t* gband, int64_t OW, int64_t rows, const typename Vec::value_type* planes,
+                      int64_t Wq, const int64_t* at, Vec* sums) {
+  constexpr int64_t V = Vec::size();
+  Vec s[T];
+#pragma GCC unroll 8
+  for (int u = 0; u < T; ++u) {
+    s[u] = sums[u];
+  }
+  for (int64_t b = 0; b < rows; ++b) {
+    const scalar_t* grow = gband + b * OW;
+    const typename Vec::value_type* prow = planes + b * Wq;
+    int64_t i = 0;
+    for (; i + V <= OW; i += V) {
+      const Vec gv = load_opmath(grow + i, V);
+#pragma GCC unroll 8
+      for (int u = 0; u < T; ++u) {
+        s[u] = at::vec::fmadd(gv, Vec::loadu(prow + at[u] + i), s[u]);
+      }
+    }
+    if (i < OW) {
+      const int64_t m = OW - i;
+      const Vec gv = load_opmath(grow + i, m);  // lanes past m are zero
+#pragma GCC unroll 8
+      for (int u = 0; u < T; ++u) {
+        s[u] = at::vec::fmadd(gv, Vec::loadu(prow + at[u] + i, m), s[u]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < T; ++u) {
+    sums[u] = s[u];
+  }
+}
+
+template <typename scalar_t, typename Vec>
+void wgrad_taps(int64_t T,  // 1 <= T <= kMaxTapsAtOnce
+ const scalar_t* gband, int64_t OW, int64_t rows, const typename Vec::value_type* planes,
+                int64_t Wq, const int64_t* at, Vec* sums) {
+  switch (T) {
+    case 1: return wgrad_taps_fixed<1>(gband, OW, rows, planes, Wq, at, sums);
+    case 2: return wgrad_taps_fixed<2>(gband, OW, rows, planes, Wq, at, sums);
+    case 3: return wgrad_taps_fixed<3>(gband, OW, rows, planes, Wq, at, sums);
+    case 4: return wgrad_taps_fixed<4>(gband, OW, rows, planes, Wq, at, sums);
+    case 5: return wgrad_taps_fixed<5>(gband, OW, rows, planes, Wq, at, sums);
+    case 6: return wgrad_taps_fixed<6>(gband, OW, rows, planes, Wq, at, sums);
+    default: return wgrad_taps_fixed<kMaxTapsAtOnce>(gband, OW, rows, planes, Wq, at, sums);
+  }
+}
+
 // grad_weight [C * M, K] and grad_bias [C * M] of NCHW (NOTE, part 4).
 template <typename scalar_t>
 void plane_weight_grad(
@@ -428,6 +498,9 @@ void plane_weight_grad(
   const int64_t B = band_rows(Cout, g.OH, Wq, g.sh, g.sw, sizeof(acc_t), true);
   const int64_t PS = p.Rq(B) * Wq + 4 * V;
   const auto tap_at = tap_offsets(g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, Wq, PS);
+  // Taps in groups of at most kMaxTapsAtOnce, as even as can be: each group's sums stay in
+  // registers over the band.
+  const int64_t per = div_ceil(K, div_ceil(K, kMaxTapsAtOnce));
   for_items(serial, Cout, g.N * g.OH * g.OW * K, [&](int64_t begin, int64_t end) {
     acc_t* planes = scratch<acc_t>(1, g.sh * g.sw * PS);
     std::vector<Vec> sums(K + 1);
@@ -438,16 +511,15 @@ void plane_weight_grad(
         for (int64_t oh0 = 0; oh0 < g.OH; oh0 += B) {
           const int64_t rows = std::min(B, g.OH - oh0);
           fill_band(p, x + (n * g.C + oc / g.M) * g.H * g.W, oh0, rows, planes, PS);
-          for (int64_t b = 0; b < rows; ++b) {
-            const scalar_t* grow = gplane + (oh0 + b) * g.OW;
-            for (int64_t i = 0; i < g.OW; i += V) {
-              const int64_t m = std::min(V, g.OW - i);
-              const Vec gv = load_opmath(grow + i, m);  // lanes past m are zero
-              sums[K] = sums[K] + gv;
-              for (int64_t t = 0; t < K; ++t) {
-                sums[t] = at::vec::fmadd(gv, Vec::loadu(planes + tap_at[t] + b * Wq + i, m), sums[t]);
-              }
-            }
+          const scalar_t* gband = gplane + oh0 * g.OW;
+          Vec bsum = sums[K];
+          for (int64_t i = 0; i < rows * g.OW; i += V) {
+            bsum = bsum + load_opmath(gband + i, std::min(V, rows * g.OW - i));
+          }
+          sums[K] = bsum;
+          for (int64_t t0 = 0, t1; t0 < K; t0 = t1) {
+            t1 = std::min(K, t0 + per);
+            wgrad_taps(t1 - t0, gband, g.OW, rows, planes, Wq, tap_at.data() + t0, sums.data() + t0);
           }
         }
       }
@@ -674,18 +746,11 @@ void fill_block(
     const int64_t row = v / p.uh;
     if (p.cl) {  // pixels of src_channels lanes; the block's are contiguous
       const scalar_t* s = p.src + ((n * p.Hs + row) * p.Ws) * p.src_channels + p.source_of(c0, j);
-      if (p.uw == 1) {
-        std::fill_n(dst, lo * V, acc_t(0));
-        for (int64_t t = lo; t < hi; ++t) {
-          load_opmath(s + (t - p.pw) * p.src_channels, nc).store(dst + t * V);
-        }
-        std::fill_n(dst + hi * V, (Wp - hi) * V, acc_t(0));
-        continue;
+      std::fill_n(dst, lo * V, acc_t(0));
+      for (int64_t t = lo; t < hi; ++t) {
+        load_opmath(s + (t - p.pw) * p.src_channels, nc).store(dst + t * V);
       }
-      std::fill_n(dst, Wp * V, acc_t(0));  // a spread-out gradient: each source pixel at its place
-      for (int64_t b = std::max<int64_t>(0, div_ceil(-p.pw, p.uw)); b < p.Ws && b * p.uw + p.pw < Wp; ++b) {
-        load_opmath(s + b * p.src_channels, nc).store(dst + (b * p.uw + p.pw) * V);
-      }
+      std::fill_n(dst + hi * V, (Wp - hi) * V, acc_t(0));
       continue;
     }
     // NCHW: nc planes' rows -> pixels of lanes (lanes past nc zero).
@@ -832,6 +897,13 @@ struct RowPass {
   const acc_t* table;
   int64_t Cpad;
   const acc_t* bias;
+  // The output's pixel, row and image strides in elements; 0: dense [N, OH, OW, C]. A phase of a
+  // strided convolution's input gradient writes every s-th pixel and row (cl_input_grad).
+  int64_t out_pixel = 0, out_row = 0, out_image = 0;
+
+  int64_t opix() const { return out_pixel ? out_pixel : C; }
+  int64_t orow() const { return out_row ? out_row : OW * C; }
+  int64_t oimg() const { return out_image ? out_image : OH * OW * C; }
 };
 
 // Up to kRun pixels from ow0, every tap checked against the input's bounds (kChecked) or not.
@@ -863,7 +935,7 @@ inline void cl_run(const RowPass<scalar_t>& p, const scalar_t* img, scalar_t* or
       }
     }
     for (int r = 0; r < nr; ++r) {
-      store_opmath(orow + (ow0 + r) * p.C + c0, acc[r], nc);
+      store_opmath(orow + (ow0 + r) * p.opix() + c0, acc[r], nc);
     }
   }
 }
@@ -892,7 +964,7 @@ void cl_run_interior(const RowPass<scalar_t>& p, const scalar_t* img, scalar_t* 
     run_taps<KW, S, R>(acc, x + c0, C, p.dh * p.Ws * C, kh0, kh1, p.table + c0, p.Cpad, nc);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      store_opmath(orow + (ow0 + r) * C + c0, acc[r], nc);
+      store_opmath(orow + (ow0 + r) * p.opix() + c0, acc[r], nc);
     }
   }
 }
@@ -907,6 +979,9 @@ std::pair<InteriorRun<scalar_t>, int64_t> interior_run(int64_t KW, int64_t sw, i
     return {nullptr, kRun};
   }
   switch (KW * 10 + sw) {
+    case 11: return {&cl_run_interior<1, 1, 8, scalar_t>, 8};  // 1, 2 and 4: phases of a strided
+    case 21: return {&cl_run_interior<2, 1, 8, scalar_t>, 8};  // input gradient (cl_input_grad)
+    case 41: return {&cl_run_interior<4, 1, 8, scalar_t>, 8};
     case 31: return {&cl_run_interior<3, 1, 8, scalar_t>, 8};
     case 32: return {&cl_run_interior<3, 2, 6, scalar_t>, 6};
     case 51: return {&cl_run_interior<5, 1, 8, scalar_t>, 8};
@@ -927,7 +1002,7 @@ void cl_pass(const RowPass<scalar_t>& p, bool serial) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / p.OH, oh = row % p.OH;
       const scalar_t* img = p.src + n * p.Hs * p.Ws * p.C;
-      scalar_t* orow = p.out + row * p.OW * p.C;
+      scalar_t* orow = p.out + n * p.oimg() + oh * p.orow();
       int64_t ow = 0;
       for (; ow < lo; ow = std::min<int64_t>(ow + kRun, lo)) {
         cl_run<true>(p, img, orow, oh, ow, std::min<int64_t>(kRun, lo - ow));
@@ -1209,9 +1284,9 @@ void run_pass(
   constexpr int64_t V = at::vec::Vectorized<opmath_t<scalar_t>>::size();
   const int64_t M = J > 1 ? 1 : channels / src_channels;
   TORCH_INTERNAL_ASSERT(!cl || (M == 1 && J == 1), "depthwise_conv: channels_last passes take M == 1");
-  // channels_last rows read the source in place: a spread-out one (a strided convolution's input
-  // gradient) goes to blocks, whose scratch holds its zeros.
-  const Path path = cl && (uh > 1 || uw > 1) ? Path::kBlocks : path_of(cl, OH, OW);
+  // channels_last sources are never spread out: a strided input gradient runs by phase.
+  TORCH_INTERNAL_ASSERT(!cl || (uh == 1 && uw == 1), "depthwise_conv: a spread-out channels_last source");
+  const Path path = path_of(cl, OH, OW);
   const auto [table, b] = tables<scalar_t>(weight, bias, g.taps(), path != Path::kPlanes, flip, J);
   if (path == Path::kRows) {
     RowPass<scalar_t> p{src, g.N, channels, Hs, Ws, out, OH, OW, g.KH, g.KW, sh, sw, ph, pw, g.dh, g.dw,
@@ -1229,6 +1304,91 @@ void run_pass(
     BlockPass<scalar_t> p{cl, src, src_channels, Hs, Ws, uh, uw, out, channels, OH, OW, g.KH, g.KW, sh, sw, ph, pw,
                           g.dh, g.dw, J, M, table, div_ceil(channels, V) * V, b};
     block_pass(p, g.N, serial);
+  }
+}
+
+// One dimension's phase r of a strided convolution's input gradient (NOTE, part 3): input
+// positions r + s * i, i < count, receive the output gradient through the taps k with
+// (r + p - k * d) % s == 0, position r + s * i reading output i + (r + p - k * d) / s. Over i that
+// is a stride-1 convolution of the output gradient with those taps flipped, at dilation `dil` and
+// padding `pad` (negative when the first tap reads ahead).
+struct Phase {
+  std::vector<int64_t> taps;
+  int64_t count = 0, pad = 0, dil = 1;
+};
+
+Phase phase_of(int64_t r, int64_t n, int64_t k, int64_t s, int64_t p, int64_t d) {
+  Phase ph;
+  ph.count = r < n ? div_ceil(n - r, s) : 0;
+  for (int64_t t = 0; t < k; ++t) {
+    if ((r + p - t * d) % s == 0) {
+      ph.taps.push_back(t);
+    }
+  }
+  if (!ph.taps.empty()) {
+    const int64_t J = static_cast<int64_t>(ph.taps.size());
+    ph.dil = J > 1 ? (ph.taps[1] - ph.taps[0]) * d / s : 1;
+    ph.pad = (J - 1) * ph.dil - (r + p - ph.taps[0] * d) / s;
+  }
+  return ph;
+}
+
+// The channels_last input gradient of a strided convolution (M == 1), phase by phase: rows read
+// the output gradient in place, each phase's sub-kernel over it at stride 1, and write every
+// sh-th row and sw-th pixel of gi; phases no tap reaches are zero. Every multiply-add is one the
+// gradient needs (spreading the gradient out would make (sh * sw - 1) / (sh * sw) of them zeros).
+template <typename scalar_t>
+void cl_input_grad(const at::Tensor& weight, const scalar_t* gy, at::Tensor& gi, const Geometry& g, bool serial) {
+  constexpr int64_t V = at::vec::Vectorized<opmath_t<scalar_t>>::size();
+  const at::Tensor w4 = weight.reshape({weight.size(0), 1, g.KH, g.KW});
+  scalar_t* out = gi.mutable_data_ptr<scalar_t>();
+  for (int64_t rh = 0; rh < g.sh; ++rh) {
+    const Phase py = phase_of(rh, g.H, g.KH, g.sh, g.ph, g.dh);
+    for (int64_t rw = 0; rw < g.sw; ++rw) {
+      const Phase px = phase_of(rw, g.W, g.KW, g.sw, g.pw, g.dw);
+      if (py.count == 0 || px.count == 0) {
+        continue;
+      }
+      if (py.taps.empty() || px.taps.empty()) {
+        (gi.dim() == 4 ? gi.slice(2, rh, g.H, g.sh).slice(3, rw, g.W, g.sw) : gi.slice(2, rw, g.W, g.sw)).zero_();
+        continue;
+      }
+      const int64_t JH = static_cast<int64_t>(py.taps.size()), JW = static_cast<int64_t>(px.taps.size());
+      const at::Tensor sub =
+          w4.index_select(2, at::tensor(py.taps, at::kLong)).index_select(3, at::tensor(px.taps, at::kLong));
+      const auto table = tables<scalar_t>(sub, nullptr, JH * JW, true, true, 1).first;
+      RowPass<scalar_t> p{gy, g.N, g.C, g.OH, g.OW, out + (rh * g.W + rw) * g.C, py.count, px.count, JH, JW, 1, 1,
+                          py.pad, px.pad, py.dil, px.dil, table, div_ceil(g.C, V) * V, nullptr,
+                          g.sw * g.C, g.sh * g.W * g.C, g.H * g.W * g.C};
+      cl_pass(p, serial);
+    }
+  }
+}
+
+// The NCHW input gradient of a convolution strided in rows, on planes (NOTE, part 3): per row
+// phase, a stride-1 pass in rows over the output gradient with that phase's kernel rows (spread
+// out by the stride in columns only), writing every sh-th row of gi; row phases no tap reaches
+// are zero.
+template <typename scalar_t>
+void plane_input_grad(const at::Tensor& weight, const scalar_t* gy, at::Tensor& gi, const Geometry& g, bool serial) {
+  const at::Tensor w4 = weight.reshape({weight.size(0), 1, g.KH, g.KW});
+  scalar_t* out = gi.mutable_data_ptr<scalar_t>();
+  for (int64_t rh = 0; rh < g.sh; ++rh) {
+    const Phase py = phase_of(rh, g.H, g.KH, g.sh, g.ph, g.dh);
+    if (py.count == 0) {
+      continue;
+    }
+    if (py.taps.empty()) {
+      gi.slice(2, rh, g.H, g.sh).zero_();
+      continue;
+    }
+    const int64_t JH = static_cast<int64_t>(py.taps.size());
+    const at::Tensor sub = w4.index_select(2, at::tensor(py.taps, at::kLong));
+    const auto table = tables<scalar_t>(sub, nullptr, JH * g.KW, false, true, g.M).first;
+    PlanePass<scalar_t> p{gy, g.channels_out(), g.OH, g.OW, 1, g.sw, out + rh * g.W, g.C, py.count, g.W, JH, g.KW,
+                          1, 1, py.pad, g.dw * (g.KW - 1) - g.pw, py.dil, g.dw, g.M, g.M > 1, table, nullptr,
+                          g.sh * g.W, g.H * g.W};
+    plane_pass(p, g.N, serial);
   }
 }
 
@@ -1301,15 +1461,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
         // The output gradient spread out by the stride, padded by d * (k - 1) - p, flipped kernel.
         const int64_t qh = g.dh * (g.KH - 1) - g.ph, qw = g.dw * (g.KW - 1) - g.pw;
         if (cl) {
-          run_pass<scalar_t>(weight, nullptr, true, gy.const_data_ptr<scalar_t>(), Cout, g.OH, g.OW, g.sh, g.sw,
-                             gi_e.mutable_data_ptr<scalar_t>(), Cout, g.H, g.W, ge, qh, qw, 1, 1, 1, true, serial);
+          if (g.sh > 1 || g.sw > 1) {
+            cl_input_grad<scalar_t>(weight, gy.const_data_ptr<scalar_t>(), gi_e, ge, serial);
+          } else {
+            run_pass<scalar_t>(weight, nullptr, true, gy.const_data_ptr<scalar_t>(), Cout, g.OH, g.OW, 1, 1,
+                               gi_e.mutable_data_ptr<scalar_t>(), Cout, g.H, g.W, ge, qh, qw, 1, 1, 1, true, serial);
+          }
           if (g.M > 1) {
             const auto v = a.is1d ? gi_e.view({g.N, g.C, g.M, g.W}) : gi_e.view({g.N, g.C, g.M, g.H, g.W});
             gi.copy_(v.sum(2));
           }
         } else {
-          run_pass<scalar_t>(weight, nullptr, true, gy.const_data_ptr<scalar_t>(), Cout, g.OH, g.OW, g.sh, g.sw,
-                             gi.mutable_data_ptr<scalar_t>(), g.C, g.H, g.W, g, qh, qw, 1, 1, g.M, false, serial);
+          if (g.sh > 1 && path_of(false, g.H, g.W) == Path::kPlanes) {
+            plane_input_grad<scalar_t>(weight, gy.const_data_ptr<scalar_t>(), gi, g, serial);
+          } else {
+            run_pass<scalar_t>(weight, nullptr, true, gy.const_data_ptr<scalar_t>(), Cout, g.OH, g.OW, g.sh, g.sw,
+                               gi.mutable_data_ptr<scalar_t>(), g.C, g.H, g.W, g, qh, qw, 1, 1, g.M, false, serial);
+          }
         }
       }
       if (mask[1] || mask[2]) {
