@@ -1295,7 +1295,7 @@ void run_pass(
   } else if (path == Path::kPlanes) {
     PlanePass<scalar_t> p{src, src_channels, Hs, Ws, uh, uw, out, channels, OH, OW, g.KH, g.KW,
                           sh, sw, ph, pw, g.dh, g.dw, J, J > 1, table, b};
-    if (OH == 1 && Hs == 1 && g.KH == 1 && sw == 1 && uw == 1 && J == 1) {
+    if (OH == 1 && Hs == 1 && g.KH == 1 && ph == 0 && sw == 1 && uw == 1 && J == 1) {  // output row 0 reads row 0
       row_pass(p, g.N, serial);
     } else {
       plane_pass(p, g.N, serial);
