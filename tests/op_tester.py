@@ -42,6 +42,12 @@ parity compares), stock_run_with_grad(args) (what parity compares with).
 Optional attributes: thread_invariant (False: gradients are deterministic per thread count, not
 across counts), gradcheck_threads (the thread count gradcheck runs at; None: as set).
 
+Sample inputs: sample_inputs() -> [Sample] gives a few calls of the op (its dtypes' float32 and
+bfloat16 in each layout, and deterministic_inputs) for checks that run every op of the op table
+the same way (tests/test_concurrency.py). Each per-op test file exposes them through a
+module-level sample_inputs() -> {op table row: [Sample]}; a file whose op has no OpTester
+subclass (nms, the fused batch norm, ...) builds its Samples from its own input makers.
+
 A new op's tests (as tests/test_deform_conv2d.py; depthwise conv next): one test file with one
 subclass of OpTester that sets `op`, the grids and `grad_args` (deform_conv2d: input, weight,
 offset, mask, bias) and implements the hooks above; its paths and special values are methods of
@@ -51,6 +57,7 @@ Autocast rules are checked in test_autocast.py, not here.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -80,6 +87,19 @@ def as_float64(a: Any) -> Any:
 
 def _tensors(result: Any) -> tuple[torch.Tensor, ...]:
     return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One valid call of an op: fn(*args); with grad_args, also the gradients of those args for a
+    seeded gradient of output(result). fn is what a user calls (a torch.ops packet, a
+    torchvision function, a module)."""
+
+    name: str
+    fn: Callable[..., Any]
+    args: tuple
+    grad_args: tuple[int, ...] = ()
+    output: Callable[[Any], torch.Tensor] = lambda result: _tensors(result)[0]
 
 
 # Reference outputs by (tester class, dtype, params): the float64 references are slow Python.
@@ -178,6 +198,19 @@ class OpTester:
 
     def default_params(self) -> dict[str, Any]:
         return {name: values[0] for name, values in self.params.items()}
+
+    def sample_inputs(self) -> list[Sample]:
+        """A few calls with backward: float32 and bfloat16 (of the op's dtypes) per layout at the
+        default params, and deterministic_inputs (many overlapping RoIs or a wide map) per layout."""
+        dtypes = [d for d in (torch.float32, torch.bfloat16) if d in self.dtypes]
+        calls = [
+            (f"{str(d).removeprefix('torch.')}-{layout}", self.make_inputs(d, layout, True, **self.default_params()))
+            for d in dtypes
+            for layout in self.layouts
+        ]
+        calls += [(f"deterministic-{layout}", self.deterministic_inputs(layout)) for layout in self.layouts]
+        prefix = getattr(self.op, "__name__", type(self).__name__)
+        return [Sample(f"{prefix}-{name}", self.op, args, self.grad_args, self.output) for name, args in calls]
 
     # ---- the grids ------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from op_tester import Sample
 from reference import box_iou_rotated as ref_iou
 
 import torchvision_cpu_ext
@@ -144,3 +145,14 @@ def test_box_iou_torchscript():
     assert torch.equal(scripted(a, a), torchvision.ops.box_iou(a, a))
     r = random_boxes(4, 2)
     assert torch.equal(scripted(r, r, "cxcywhr"), OP(r, r))
+
+
+def sample_inputs() -> dict[str, list[Sample]]:
+    """box_iou_rotated's calls, for the checks that run every op of the op table alike
+    (op_tester.Sample)."""
+    return {
+        "box_iou_rotated": [
+            Sample(f"box_iou_rotated-{str(dtype).removeprefix('torch.')}", OP, tricky_pair(160, seed, dtype))
+            for seed, dtype in enumerate((torch.float32, torch.float64))
+        ]
+    }

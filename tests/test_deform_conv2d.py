@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 import torch
 import torchvision
-from op_tester import OpTester
+from op_tester import OpTester, Sample
 from reference import deform_conv2d as ref_deform_conv2d
 from torchvision.ops import deform_conv2d
 
@@ -650,3 +650,8 @@ class TestDeformConv2d(OpTester):
         f(x, offset, weight, bias, mask).sum().backward()
         for a, t in zip(grads, (x, offset, weight, bias, mask), strict=True):
             torch.testing.assert_close(a, t.grad)
+
+
+def sample_inputs() -> dict[str, list[Sample]]:
+    """deform_conv2d's calls for the checks that run every op of the op table alike (op_tester.Sample)."""
+    return {"deform_conv2d": TestDeformConv2d().sample_inputs()}

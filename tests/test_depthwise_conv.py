@@ -19,7 +19,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from op_tester import OpTester, seeded_randn
+from op_tester import OpTester, Sample, seeded_randn
 
 import torchvision_cpu_ext
 from torchvision_cpu_ext import _debug
@@ -373,3 +373,8 @@ class TestDepthwiseConv1d(DepthwiseTester):
             for padding in ("same", "valid", 2):
                 want = F.conv1d(x, w, None, 1, padding, d, 6)
                 torch.testing.assert_close(depthwise_conv1d(x, w, None, 1, padding, d), want, rtol=1e-5, atol=1e-5)
+
+
+def sample_inputs() -> dict[str, list[Sample]]:
+    """The depthwise ops' calls for the checks that run every op of the op table alike (op_tester.Sample)."""
+    return {"depthwise_conv": [*TestDepthwiseConv2d().sample_inputs(), *TestDepthwiseConv1d().sample_inputs()]}

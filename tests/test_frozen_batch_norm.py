@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from op_tester import Sample
 from torch._inductor import config as inductor_config
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -229,3 +230,16 @@ def test_torchscript():
     assert "torchvision_cpu_ext" not in scripted.code
     with torch.inference_mode():
         assert torch.equal(scripted(x), torchvision_forward(m, x))
+
+
+def sample_inputs() -> dict[str, list[Sample]]:
+    """FrozenBatchNorm2d's calls (the fused op runs under no_grad or inference_mode), for the
+    checks that run every op of the op table alike (op_tester.Sample)."""
+    return {
+        "frozen_batch_norm": [
+            Sample(f"FrozenBatchNorm2d-{str(dtype).removeprefix('torch.')}-{layout}", make_module(24, dtype), (x,))
+            for dtype in (torch.float32, torch.bfloat16)
+            for layout in LAYOUTS
+            for x in [make_input((2, 24, 9, 11), dtype, layout)]
+        ]
+    }

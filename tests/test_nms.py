@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from op_tester import Sample
 from reference import nms as ref_nms
 from reference import nms_rows
 from torchvision.ops import batched_nms, nms
@@ -271,3 +272,18 @@ def test_batched_nms_opcheck_and_errors():
         torch.ops.torchvision_cpu_ext._batched_nms(boxes, scores, idxs.float(), 0.5)
     with pytest.raises(RuntimeError, match=r"boxes must have shape \[N, 4\]"):
         torch.ops.torchvision_cpu_ext._batched_nms(boxes[:, :3], scores, idxs, 0.5)
+
+
+def sample_inputs() -> dict[str, list[Sample]]:
+    """nms's calls (crowded, tied and special boxes) and batched_nms on the per-class path (our
+    _batched_nms), for the checks that run every op of the op table alike (op_tester.Sample)."""
+    boxes, scores = random_case(700, 1, crowded=True, ties=True, special=True)
+    large, large_scores = random_case(1200, 7, crowded=True, ties=False, special=False)
+    idxs = torch.randint(0, 80, (1200,), generator=torch.Generator().manual_seed(3))
+    return {
+        "nms": [
+            Sample("nms", OP, (boxes, scores, 0.5)),
+            Sample("nms-float64", OP, (boxes.double(), scores.double(), 0.7)),
+            Sample("batched_nms", batched_nms, (large, large_scores, idxs, 0.5)),
+        ]
+    }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_tester import RoIOpTester
+from op_tester import RoIOpTester, Sample
 from reference import ps_roi_align as ref_ps_roi_align
 from roi_cases import (
     DTYPES,
@@ -172,3 +172,8 @@ class TestPSRoIAlign(RoIOpTester):
         torch.testing.assert_close(nchw, cl, rtol=0, atol=0, equal_nan=True)
         ref = ref_ps_roi_align(x, rois, SCALE, *POOLED, sampling_ratio)
         torch.testing.assert_close(cl.double(), ref, **TOL[dtype], equal_nan=True)
+
+
+def sample_inputs() -> dict[str, list[Sample]]:
+    """ps_roi_align's calls for the checks that run every op of the op table alike (op_tester.Sample)."""
+    return {"ps_roi_align": TestPSRoIAlign().sample_inputs()}

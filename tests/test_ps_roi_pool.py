@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_tester import RoIOpTester
+from op_tester import RoIOpTester, Sample
 from reference import ps_roi_pool as ref_ps_roi_pool
 from roi_cases import (
     DTYPES,
@@ -175,3 +175,8 @@ class TestPSRoIPool(RoIOpTester):
         assert (nchw != 0).any(3).any(1).any(0).float().mean() > 0.9
         with _debug.thresholds(stream_grad_bytes=1 << 40):
             assert torch.equal(nchw, BWD(g, *args))
+
+
+def sample_inputs() -> dict[str, list[Sample]]:
+    """ps_roi_pool's calls for the checks that run every op of the op table alike (op_tester.Sample)."""
+    return {"ps_roi_pool": TestPSRoIPool().sample_inputs()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from op_tester import Sample
 from reference import nms as ref_nms
 from reference import roi_align as ref_roi_align
 
@@ -176,3 +177,20 @@ def test_fake_kernels():
     with FakeTensorMode() as mode:
         out = QROI_ALIGN(mode.from_tensor(x), mode.from_tensor(rois), *quant, 1.0, 3, 2, 2, True)
     assert out.shape == (rois.shape[0], 3, 3, 2) and out.dtype == torch.uint8
+
+
+def sample_inputs() -> dict[str, list[Sample]]:
+    """qnms's and qroi_align's calls, for the checks that run every op of the op table alike
+    (op_tester.Sample)."""
+    return {
+        "qnms": [
+            Sample(f"qnms-{str(dtype).removeprefix('torch.')}", QNMS, (*qnms_case(300, seed, dtype), 0.5))
+            for seed, dtype in enumerate((torch.uint8, torch.int32))
+        ],
+        "qroi_align": [
+            Sample(
+                f"qroi_align-{str(dtype).removeprefix('torch.')}", QROI_ALIGN, (*qroi_case(seed, dtype, 40), *config)
+            )
+            for seed, (dtype, config) in enumerate(zip((torch.uint8, torch.int8), QROI_CONFIGS, strict=False))
+        ],
+    }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from op_tester import RoIOpTester
+from op_tester import RoIOpTester, Sample
 from reference import roi_align as ref_roi_align
 from roi_cases import (
     DTYPES,
@@ -301,3 +301,16 @@ class TestRoIAlign(RoIOpTester):
             [[i % n, 2.0 + i, 1.0 + 2 * i, 12.0 + 3 * i, 15.0 + i] for i in range(k)], dtype=torch.float64
         )
         assert torch.autograd.gradcheck(lambda t: roi_align(t, rois, (3, 4), 0.5, 2, True), (x,))
+
+
+def _under_bf16_autocast(*args):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return roi_align(*args)
+
+
+def sample_inputs() -> dict[str, list[Sample]]:
+    """roi_align's calls, and one under bfloat16 autocast (the mixed op), for the checks that run
+    every op of the op table alike (op_tester.Sample)."""
+    x, rois = make_input(torch.bfloat16, "channels_last", True), make_rois()
+    autocast = Sample("roi_align-autocast-bf16", _under_bf16_autocast, (x, rois, POOLED, SCALE, 2, True), (0,))
+    return {"roi_align": [*TestRoIAlign().sample_inputs(), autocast]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_tester import RoIOpTester
+from op_tester import RoIOpTester, Sample
 from reference import roi_pool as ref_roi_pool
 from roi_cases import (
     DTYPES,
@@ -234,3 +234,8 @@ class TestRoIPool(RoIOpTester):
             assert out[0, 0].item() == -torch.finfo(torch.float32).max and argmax[0, 0].item() == -1
             assert out[0, 1].item() == 5.0 and argmax[0, 1].item() == 2 * 4 + 2
             assert out[1].eq(0).all() and argmax[1].eq(-1).all()  # empty bin (outside the map)
+
+
+def sample_inputs() -> dict[str, list[Sample]]:
+    """roi_pool's calls for the checks that run every op of the op table alike (op_tester.Sample)."""
+    return {"roi_pool": TestRoIPool().sample_inputs()}

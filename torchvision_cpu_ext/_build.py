@@ -43,7 +43,9 @@ COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 
 # at::parallel_for is inline OpenMP code in torch's CPU builds: without -fopenmp it runs on
 # one thread. Linking -fopenmp names libgomp.so.1, which resolves to the copy torch loaded.
-LDFLAGS = ["-fopenmp"]
+# --wrap: this library's calls of at::init_num_threads go to its own wrapper (NOTE [ thread count
+# on first use ] in csrc/cpu/override.cpp).
+LDFLAGS = ["-fopenmp", "-Wl,--wrap=_ZN2at16init_num_threadsEv"]
 
 # Ahead of time only. setuptools compiles with Python's own CFLAGS, which carry -g: debug
 # information was most of each shipped library. -s drops the static symbol table too (the

@@ -8,6 +8,16 @@
   op schemas ourselves, register our kernels, and let torchvision's Python side believe its
   extension loaded, so it calls torch.ops.torchvision.* and registers its autograd. Ops we do
   not implement yet raise NotImplementedError naming the op.
+
+Threads (README, "Threads"): enable() and disable() change registrations in PyTorch's dispatcher,
+which does not support a kernel being unregistered (or replaced) while another thread is calling
+it: the caller may still be reading the entry being rewritten or the kernel object being freed.
+So switching is allowed only while no other thread runs torchvision ops. It is guarded, not made
+safe: a lock makes each switch atomic with respect to other switches, and a switch that would
+change something raises if another thread is inside a torchvision or torchvision_cpu_ext op, or in
+the Python code of torchvision.ops or of this package's ops (threads_in_ops). That check reads the
+other threads' Python stacks, so it costs the op calls nothing; it cannot see a thread that is
+between two calls, in an autograd backward pass, or a C++ thread without Python frames.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -29,6 +40,8 @@ MODE_OVERRIDE = "override"
 MODE_FALLBACK = "fallback"
 
 _state: dict[str, object] = {"mode": None, "py_lib": None, "fallback_lib": None}
+_switch_lock = threading.Lock()
+_OP_NAMESPACES = ("torchvision", "torchvision_cpu_ext")
 
 
 def _op_exists(name: str) -> bool:
@@ -138,9 +151,62 @@ def is_enabled() -> bool:
     return _state["py_lib"] is not None
 
 
+def _op_dirs() -> tuple[str, ...]:
+    """torchvision/ops/ and torchvision_cpu_ext/ops/, as frames' file names begin."""
+    spec = importlib.util.find_spec("torchvision")
+    roots = [os.path.dirname(__file__), *(spec.submodule_search_locations or [] if spec else [])]
+    return tuple(os.path.join(root, "ops", "") for root in roots)
+
+
+def _in_op(frame, op_dirs: tuple[str, ...]) -> bool:
+    """Whether a Python frame is a call of a torchvision / torchvision_cpu_ext op (torch.ops'
+    __call__, whose C++ call runs below it), or code of torchvision.ops or of our ops package."""
+    code = frame.f_code
+    if code.co_name == "__call__" and code.co_filename == torch._ops.__file__:
+        return str(frame.f_locals.get("self")).split(".", 1)[0] in _OP_NAMESPACES
+    return code.co_filename.startswith(op_dirs)
+
+
+def threads_in_ops() -> list[str]:
+    """The names of the other threads now inside a torchvision or torchvision_cpu_ext op (best
+    effort, see the module's docstring)."""
+    me, op_dirs = threading.get_ident(), _op_dirs()
+    names = {t.ident: t.name for t in threading.enumerate()}
+    busy = []
+    for ident, frame in sys._current_frames().items():
+        if ident == me:
+            continue
+        while frame is not None and not _in_op(frame, op_dirs):
+            frame = frame.f_back
+        if frame is not None:
+            busy.append(names.get(ident, str(ident)))
+    return sorted(busy)
+
+
+def _check_no_ops_running(what: str) -> None:
+    busy = threads_in_ops()
+    if busy:
+        raise RuntimeError(
+            f"torchvision_cpu_ext.{what}() while other threads run torchvision ops ({', '.join(busy)}): "
+            "switching kernels in PyTorch's dispatcher is not safe while they may be called; "
+            f"call {what}() while no other thread runs torchvision ops (README, Threads)"
+        )
+
+
 def enable() -> None:
+    with _switch_lock:
+        _enable()
+
+
+def disable() -> None:
+    with _switch_lock:
+        _disable()
+
+
+def _enable() -> None:
     if is_enabled():
         return
+    _check_no_ops_running("enable")
     # Replacing torchvision's kernels is this package's purpose, so the dispatcher's warning
     # about it is filtered here, for these registrations only.
     with warnings.catch_warnings():
@@ -151,7 +217,7 @@ def enable() -> None:
     _state["py_lib"] = lib
 
 
-def disable() -> None:
+def _disable() -> None:
     if _state["mode"] == MODE_FALLBACK:
         raise RuntimeError(
             "torchvision_cpu_ext.disable(): torchvision's compiled ops did not load in this "
@@ -160,6 +226,7 @@ def disable() -> None:
     lib = _state["py_lib"]
     if lib is None:
         return
+    _check_no_ops_running("disable")
     torch.ops.torchvision_cpu_ext._set_cpu_override(False)
     lib._destroy()
     _ops.unregister_all()

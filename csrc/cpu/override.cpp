@@ -5,6 +5,7 @@
 #include "debug_thresholds.h"
 #include "memory.h"
 
+#include <ATen/Parallel.h>
 #include <c10/macros/Macros.h>
 
 #include <iterator>
@@ -96,6 +97,22 @@ CpuOverride::CpuOverride(std::vector<const char*> ops, RegisterFn fn) {
 }
 
 } // namespace tvce
+
+// NOTE [ thread count on first use ]
+// at::parallel_for is inline code: each call runs at::internal::lazy_init_num_threads(), whose
+// thread_local "done" flag is this library's own copy (libtorch keeps its copy to itself). So a
+// thread's first parallel call of our kernels ran at::init_num_threads(), which sets the calling
+// thread's intra-op thread count to the process-wide one (the last torch.set_num_threads of any
+// thread), though libtorch had initialised that thread already: a thread that had set its own
+// count with torch.set_num_threads lost it, the kernel ran at another count (deform_conv2d's
+// gradients depend on it) and so did the thread's later ATen ops. With the link flag
+// -Wl,--wrap=<at::init_num_threads> (_build.py LDFLAGS) this library's calls come here instead:
+// libtorch's own once-per-thread initialisation (at::get_num_threads() runs it), which gives a
+// fresh thread the process-wide count, as any ATen op would, and leaves alone a thread that has
+// its own. tests/test_concurrency.py checks both.
+extern "C" void __wrap__ZN2at16init_num_threadsEv() {
+  (void)at::get_num_threads();
+}
 
 TORCH_LIBRARY(torchvision_cpu_ext, m) {
   m.def("_set_cpu_override(bool enabled) -> bool", &tvce::set_cpu_override);
