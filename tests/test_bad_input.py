@@ -276,6 +276,8 @@ for v in (nan, inf, -inf):
 case("nan_inf", "nms", lambda: NMS(torch.full_like(b, nan), s, 0.5), Stock(shape(40)))
 case("nan_inf", "nms", lambda: NMS(b, s, nan), Stock(shape(40)))  # no IoU exceeds NaN: all kept
 case("nan_inf", "nms", lambda: NMS(b, s, inf), Stock(shape(40)))
+# 2^16 copies of one box (stride 0): 2^32 pairs, one kept.
+case("int32_overflow", "nms", lambda: NMS(b[:1].expand(1 << 16, 4), s[:1].expand(1 << 16), 0.5), Stock(shape(1)))
 case("zero_size", "nms", lambda: NMS(b[:0], s[:0], 0.5), Stock(shape(0)))
 case(
     "zero_size",
