@@ -197,6 +197,32 @@ for op in ROI_OPS:
         case("int32_overflow", op, lambda f=f, x=x, r=r: f(x, r[:2], sr=1 << 16), too_large)
         box = torch.tensor([[0, 0, 0, 2e5, 2e5]])
         case("int32_overflow", op, lambda f=f, x=x, box=box: f(x, box, sr=0), too_large)
+        # The backward too (torchvision's hangs): the grid of the forward's arguments.
+        g_out = torch.zeros(2, C_out, 2, 2)
+        bwd = (
+            (
+                lambda r=r, g_out=g_out, C=C: TV._roi_align_backward(
+                    g_out, r[:2], SCALE, 2, 2, 2, C, 11, 13, 1 << 16, True
+                )
+            )
+            if op == "roi_align"
+            else (
+                lambda r=r, g_out=g_out, C=C: TV._ps_roi_align_backward(
+                    g_out,
+                    r[:2],
+                    torch.arange(8, dtype=torch.int32).view(1, 2, 2, 2).expand(2, 2, 2, 2),
+                    SCALE,
+                    2,
+                    2,
+                    1 << 16,
+                    2,
+                    C,
+                    11,
+                    13,
+                )
+            )
+        )
+        case("int32_overflow", op, bwd, Raises(rf"_{op}_backward: sampling grid is too large"))
         huge = torch.tensor([[0, 0, 0, 1e30, 1e30]])
         case("int32_overflow", op, lambda f=f, x=x, huge=huge: f(x, huge, sr=0), Raises("too large for adaptive"))
         # Just under the limit: ours samples the grid separably (torchvision builds a table of
