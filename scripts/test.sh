@@ -56,10 +56,12 @@ if ! "$native/bin/ruff" check . || ! "$native/bin/ruff" format --check . >/dev/n
   status=1
 fi
 
-# The per-op test files: one kernel each, so the ones every ISA variant runs.
+# The per-op test files: one kernel each, so the ones every ISA variant runs; and the bad-input
+# table, of which only the NaN/inf row depends on the variant (the rest is variant_independent).
 kernel_tests=(tests/test_roi_align.py tests/test_roi_pool.py tests/test_ps_roi_align.py tests/test_ps_roi_pool.py
   tests/test_nms.py tests/test_frozen_batch_norm.py tests/test_detectron2.py tests/test_box_iou_rotated.py
-  tests/test_quantized.py tests/test_paths.py tests/test_deform_conv2d.py tests/test_depthwise_conv.py)
+  tests/test_quantized.py tests/test_paths.py tests/test_deform_conv2d.py tests/test_depthwise_conv.py
+  tests/test_bad_input.py tests/test_fuzz.py)
 
 run() {  # run NAME VENV CAPABILITY TESTS...  (then "--" and pytest's extra arguments)
   local name=$1 venv=$2 cap=$3 out="$log/$1.txt"

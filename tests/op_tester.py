@@ -53,13 +53,20 @@ subclass of OpTester that sets `op`, the grids and `grad_args` (deform_conv2d: i
 offset, mask, bias) and implements the hooks above; its paths and special values are methods of
 its own.
 Autocast rules are checked in test_autocast.py, not here.
+
+Random inputs: tests/fuzz.py draws them per op table row (one drawer each, tests/test_fuzz.py
+checks that every kernel has one) and compares with torchvision's kernels and float64.
+
+Bad input across every op, tabulated (README "Bad input: what the package guarantees"), is
+tests/test_bad_input.py: one case per entry, each expecting Raises, Stock or Differs (below) and
+run by check_bad_input; test_bad_input_raises_clear_errors keeps each op's own argument checks.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pytest
@@ -89,7 +96,7 @@ def _tensors(result: Any) -> tuple[torch.Tensor, ...]:
     return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class Sample:
     """One valid call of an op: fn(*args); with grad_args, also the gradients of those args for a
     seeded gradient of output(result). fn is what a user calls (a torch.ops packet, a
@@ -100,6 +107,68 @@ class Sample:
     args: tuple
     grad_args: tuple[int, ...] = ()
     output: Callable[[Any], torch.Tensor] = lambda result: _tensors(result)[0]
+
+
+# ---- bad input: what a call must do (tests/test_bad_input.py holds the table) -------------------
+
+
+@dataclass(frozen=True)
+class Raises:
+    """An error whose message matches `match` (it names the op and the argument)."""
+
+    match: str
+
+
+@dataclass(frozen=True)
+class Stock:
+    """Stock's result: equal to torchvision's own kernels where they load, and `check` holds in
+    every configuration. `xfail`: a known bug of ours (the case is marked xfail(strict=True))."""
+
+    check: Callable[[Any], bool]
+    xfail: str | None = None
+
+
+@dataclass(frozen=True)
+class Differs:
+    """A documented difference: ours meets `check`; torchvision does `stock` (crash, hang or
+    garbage), so it is not run."""
+
+    check: Callable[[Any], bool]
+    stock: str
+
+
+BAD_INPUT_ERRORS = (RuntimeError, ValueError, NotImplementedError)
+
+
+def _assert_same(ours: Any, theirs: Any) -> None:
+    if isinstance(ours, (tuple, list)) and ours and isinstance(ours[0], torch.Tensor):
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs, strict=True):
+            _assert_same(a, b)
+    elif isinstance(ours, torch.Tensor):
+        assert (ours.shape, ours.dtype, ours.device) == (theirs.shape, theirs.dtype, theirs.device)
+        if ours.device.type != "meta":
+            torch.testing.assert_close(ours, theirs, equal_nan=True)
+    else:
+        assert ours == theirs
+
+
+def check_bad_input(call: Callable[[], Any], expect: Raises | Stock | Differs, native: bool, stock_call=None) -> None:
+    """One entry of the bad-input table. Stock is torchvision's kernels (the package disabled),
+    where they load, or `stock_call` (the package's own ops: ATen's equivalent) everywhere."""
+    if isinstance(expect, Raises):
+        with pytest.raises(BAD_INPUT_ERRORS, match=expect.match):
+            call()
+        return
+    result = call()
+    assert expect.check(result), result
+    if isinstance(expect, Stock) and (stock_call is not None or native):
+        if stock_call is None:
+            with torchvision_cpu_ext.disabled():
+                stock = call()
+        else:
+            stock = stock_call()
+        _assert_same(result, stock)
 
 
 # Reference outputs by (tester class, dtype, params): the float64 references are slow Python.

@@ -153,6 +153,9 @@ Geometry check_args(
       mask.dim(), "-D");
   const auto dtype = input.scalar_type();
   TORCH_CHECK(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+      ": input must be float32, float64, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(
       weight.scalar_type() == dtype, op, ": weight must have the dtype of input, got input ", dtype, " and weight ",
       weight.scalar_type());
   TORCH_CHECK(
@@ -224,9 +227,12 @@ Geometry check_args(
       bias.numel());
   // The plan keeps pixel indices and unshifted positions in int32.
   constexpr int64_t kInt32 = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(g.H * g.W < kInt32, op, ": the input's height * width (", g.H, " * ", g.W, ") must fit in int32");
   TORCH_CHECK(
-      g.H * g.W < kInt32 && g.OH * sh + ph + g.kh * dh < kInt32 && g.OW * sw + pw + g.kw * dw < kInt32, op,
-      ": the input's height * width (", g.H, " * ", g.W, ") and the sampling positions must fit in int32");
+      g.OH * sh + ph + g.kh * dh < kInt32 && g.OW * sw + pw + g.kw * dw < kInt32, op,
+      ": the sampling positions (out_h * stride_h + pad_h + kernel_h * dilation_h = ", g.OH * sh + ph + g.kh * dh,
+      ", out_w * stride_w + pad_w + kernel_w * dilation_w = ", g.OW * sw + pw + g.kw * dw,
+      ") must fit in int32: reduce stride, padding or dilation");
   g.C_in_g = g.C / groups;
   g.C_out_g = g.C_out / groups;
   g.C_og = g.C / offset_groups;

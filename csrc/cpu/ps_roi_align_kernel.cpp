@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> ps_roi_align_forward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "ps_roi_align_forward", [&] {
     using acc_t = opmath_t<scalar_t>;
     const auto S = detail::build_all_roi_sampling<acc_t>(
-        r, N, H, W, spatial_scale, PH, PW, sampling_ratio, /*aligned=*/true, /*count_at_least_one=*/false);
+        r, N, H, W, spatial_scale, PH, PW, sampling_ratio, /*aligned=*/true, /*count_at_least_one=*/false, kOp);
     const scalar_t* ip = in.const_data_ptr<scalar_t>();
     scalar_t* op = output.data_ptr<scalar_t>();
     using Vec = OpVec<scalar_t>;
@@ -149,7 +149,7 @@ at::Tensor ps_roi_align_backward(
     using Vec = OpVec<scalar_t>;
     constexpr int64_t V = Vec::size();
     const auto S = detail::build_all_roi_sampling<acc_t>(
-        r, batch_size, height, width, spatial_scale, PH, PW, sampling_ratio, true, false);
+        r, batch_size, height, width, spatial_scale, PH, PW, sampling_ratio, true, false, op);
     const auto per_image = detail::rois_per_image(S, batch_size);
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gi = grad_in.data_ptr<scalar_t>();

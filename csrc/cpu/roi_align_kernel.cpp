@@ -483,7 +483,8 @@ at::Tensor roi_align_backward(
   const at::Tensor r = detail::rois_as(rois, at::toOpMathType(grad.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "roi_align_backward", [&] {
     const auto S = detail::build_all_roi_sampling<opmath_t<scalar_t>>(
-        r, batch_size, height, width, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
+        r, batch_size, height, width, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+        /*count_at_least_one=*/true, op);
     backward_kernel<scalar_t>(g, S, grad_in, pooled_height, pooled_width, fmt);
   });
   return grad_in;

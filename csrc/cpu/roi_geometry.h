@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace tvce {
@@ -157,7 +158,8 @@ void build_roi_sampling(
     int64_t sampling_ratio,
     bool aligned,
     RoiSampling<acc_t>& s,
-    bool count_at_least_one = true) {
+    bool count_at_least_one = true,
+    const char* op = "roi_align") {
   s.batch = batch_index(roi, batch_size);
   const acc_t offset = aligned ? acc_t(0.5) : acc_t(0.0);
   const acc_t start_w = roi[1] * spatial_scale - offset;
@@ -187,7 +189,8 @@ void build_roi_sampling(
     // torchvision stores the adaptive grid in an int; a larger one is undefined there.
     TORCH_CHECK(
         gh < acc_t(1 << 30) && gw < acc_t(1 << 30),
-        "roi_align: a box of ",
+        op,
+        ": a box of ",
         roi_h,
         " x ",
         roi_w,
@@ -195,6 +198,22 @@ void build_roi_sampling(
     grid_h = static_cast<int64_t>(gh);
     grid_w = static_cast<int64_t>(gw);
   }
+  // torchvision (0.29) refuses a grid of more than 2^31 - 1 samples per ROI (its per-ROI table
+  // would not fit an int); ours would run it, but for minutes on a huge box: the same error.
+  const double samples = static_cast<double>(std::max<int64_t>(grid_h, 0)) * std::max<int64_t>(grid_w, 0) *
+      static_cast<double>(pooled_height) * static_cast<double>(pooled_width);
+  TORCH_CHECK(
+      samples <= static_cast<double>(std::numeric_limits<int32_t>::max()),
+      op,
+      ": sampling grid is too large (",
+      grid_h,
+      " x ",
+      grid_w,
+      " samples in each of ",
+      pooled_height,
+      " x ",
+      pooled_width,
+      " bins, over 2^31 - 1 per ROI), reduce sampling_ratio or the RoI size");
   // torchvision's count is the product of the grid sizes even when an inverted box makes one
   // negative (no samples, count -1 or 2...). roi_align divides an empty grid's zero sum by at
   // least 1; ps_roi_align by the raw count, so a zero count gives NaN, as in torchvision.
@@ -220,7 +239,8 @@ std::vector<RoiSampling<acc_t>> build_all_roi_sampling(
     int64_t pooled_width,
     int64_t sampling_ratio,
     bool aligned,
-    bool count_at_least_one = true) {
+    bool count_at_least_one = true,
+    const char* op = "roi_align") {
   const int64_t K = rois_acc.size(0);
   std::vector<RoiSampling<acc_t>> out(K);
   const acc_t* r = rois_acc.const_data_ptr<acc_t>();
@@ -228,7 +248,7 @@ std::vector<RoiSampling<acc_t>> build_all_roi_sampling(
     for (int64_t k = k0; k < k1; ++k) {
       build_roi_sampling<acc_t>(
           r + 5 * k, batch_size, height, width, static_cast<acc_t>(spatial_scale),
-          pooled_height, pooled_width, sampling_ratio, aligned, out[k], count_at_least_one);
+          pooled_height, pooled_width, sampling_ratio, aligned, out[k], count_at_least_one, op);
     }
   });
   return out;

@@ -75,6 +75,17 @@ def register_own() -> None:
 # --- shared checks and helpers ----------------------------------------------------------------
 
 
+def check_one_device(op: str, **tensors: torch.Tensor | None) -> None:
+    """The tensors are on one device. The dispatcher sends a call with any meta tensor here,
+    CPU tensors included, and an output made like a CPU input would be uninitialised memory
+    (torchvision's fake kernels return that); the C++ kernels check the same on the CPU."""
+    given = {name: t.device for name, t in tensors.items() if t is not None}
+    torch._check(
+        len(set(given.values())) <= 1,
+        lambda: f"{op}: tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in given.items()),
+    )
+
+
 def check_roi_dtypes(op: str, input: torch.Tensor, rois: torch.Tensor, float_rois_ok: bool = False) -> None:
     """rois share the input's dtype (as torchvision requires); with `float_rois_ok`, float32 rois
     with a bfloat16/float16 input are taken too (roi_align's autocast path, as in C++)."""
@@ -91,6 +102,7 @@ def check_roi_dtypes(op: str, input: torch.Tensor, rois: torch.Tensor, float_roi
 
 
 def check_roi_inputs(op: str, input: torch.Tensor, rois: torch.Tensor, float_rois_ok: bool = False) -> None:
+    check_one_device(op, input=input, rois=rois)
     torch._check(input.dim() == 4, lambda: f"{op}: input must be a 4-D tensor [N, C, H, W], got {input.dim()}-D")
     torch._check(
         rois.dim() == 2 and rois.size(1) == 5,
@@ -135,6 +147,7 @@ def grad_input_like(
     float_rois_ok: bool = False,
 ) -> torch.Tensor:
     """Fake output of every `_..._backward` op: grad_input in grad's memory format."""
+    check_one_device(op, grad=grad, rois=rois)
     check_roi_dtypes(op, grad, rois, float_rois_ok)
     return empty_like_layout(grad, (batch_size, channels, height, width))
 
@@ -237,6 +250,7 @@ def meta_ps_roi_pool_backward(
 
 @fake(OWN + "_batched_nms")
 def fake_batched_nms(boxes, scores, idxs, iou_threshold):
+    check_one_device("batched_nms", boxes=boxes, scores=scores, idxs=idxs)
     kept = torch.library.get_ctx().new_dynamic_size()
     return scores.new_empty(kept, dtype=torch.long)
 
@@ -255,6 +269,9 @@ def autocast_batched_nms(boxes, scores, idxs, iou_threshold):
 
 @fake(OWN + "frozen_batch_norm")
 def fake_frozen_batch_norm(input, weight, bias, running_mean, running_var, eps, dtype=None, as_batch_norm=False):
+    check_one_device(
+        "frozen_batch_norm", input=input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
     torch._check(
         input.dim() == 4, lambda: f"frozen_batch_norm: input must be a 4-D tensor [N, C, H, W], got {input.dim()}-D"
     )
@@ -293,6 +310,7 @@ def _deform_conv2d_fake(op: str, mixed_ok: bool):
         use_mask,
     ):
         """The output in the input's memory format (the spatial size is the offset's, as torchvision's)."""
+        check_one_device(op, input=input, weight=weight, offset=offset, mask=mask, bias=bias)
         torch._check(input.dim() == 4, lambda: f"{op}: input must be a 4-D tensor [N, C, H, W], got {input.dim()}-D")
         torch._check(weight.dim() == 4, lambda: f"{op}: weight must be a 4-D tensor, got {weight.dim()}-D")
         torch._check(offset.dim() == 4, lambda: f"{op}: offset must be a 4-D tensor, got {offset.dim()}-D")
@@ -335,6 +353,9 @@ def meta_deform_conv2d_backward(
     use_mask,
 ):
     """Each gradient in its tensor's dtype and memory format; grad_bias contiguous."""
+    check_one_device(
+        "_deform_conv2d_backward", grad=grad, input=input, weight=weight, offset=offset, mask=mask, bias=bias
+    )
     return (
         empty_like_layout(input, input.shape),
         empty_like_layout(weight, weight.shape),
@@ -405,6 +426,7 @@ def _depthwise_empty(input: torch.Tensor, shape: list[int]) -> torch.Tensor:
 
 def _depthwise_fake(op: str, dims: int):
     def meta(input, weight, bias, stride, padding, dilation):
+        check_one_device(op, input=input, weight=weight, bias=bias)
         torch._check(input.dim() == dims + 2, lambda: f"{op}: input must be a {dims + 2}-D tensor, got {input.dim()}-D")
         torch._check(
             weight.dim() == dims + 2 and weight.size(1) == 1,
@@ -427,6 +449,7 @@ def _depthwise_fake(op: str, dims: int):
 def _depthwise_backward_fake(op: str):
     def meta(grad, input, weight, stride, padding, dilation, output_mask):
         """grad_input in input's layout, grad_weight and grad_bias contiguous; None where masked."""
+        check_one_device(op, grad=grad, input=input, weight=weight)
         return (
             _depthwise_empty(input, list(input.shape)) if output_mask[0] else None,
             weight.new_empty(weight.shape) if output_mask[1] else None,
