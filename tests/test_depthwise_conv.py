@@ -297,6 +297,24 @@ class TestDepthwiseConv2d(DepthwiseTester):
                     want = F.conv2d(x.double(), w.double(), None, stride, 1, 1, 16)
                     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
 
+    @pytest.mark.parametrize(
+        "geometry",
+        [dict(stride=(1 << 31, 1)), dict(padding=(1 << 30, 0), dilation=(1 << 30, 1))],
+        ids=["stride", "dilation"],
+    )
+    def test_strides_and_dilations_beyond_the_map_run_on_aten(self, geometry):
+        """A band's scratch would be gigabytes: ATen's convolution runs them, forward and gradients."""
+        x = seeded_randn((2, 4, 7, 8), torch.float64).requires_grad_()
+        w = seeded_randn((8, 1, 3, 3), torch.float64, seed=5).requires_grad_()
+        got = depthwise_conv2d(x, w, None, **geometry)
+        want = F.conv2d(x, w, None, groups=4, **geometry)
+        torch.testing.assert_close(got, want)
+        g = seeded_randn(got.shape, torch.float64, seed=6)
+        for a, b in zip(torch.autograd.grad(got, (x, w), g), torch.autograd.grad(want, (x, w), g), strict=True):
+            torch.testing.assert_close(a, b)
+        path = torchvision_cpu_ext.depthwise_path(x, w, **geometry)
+        assert path.startswith("ATen's convolution"), path
+
     def test_depthwise_path(self):
         """depthwise_path() names the pass a call takes, and the small-call rule."""
         w = torch.empty(32, 1, 3, 3)

@@ -68,7 +68,9 @@
 //    weights' tables live in the calling thread's scratch, so a small call allocates nothing but
 //    its output. Larger calls split planes by (image, channel, band), rows by output row and
 //    blocks by (image, channel block, band).
-//    `describe` reports the path a call takes; info's depthwise_path() prints it.
+//    `describe` reports the path a call takes; info's depthwise_path() prints it. A geometry
+//    whose band scratch would be enormous (a stride or dilation far beyond the map:
+//    beyond_scratch) goes to ATen's convolution, forward and backward.
 //
 // 6. Dtypes. float32 and float64 accumulate in their own type; bfloat16 and float16 are widened
 //    to float32 when the NCHW scratch is filled or when channels_last loads them, and rounded
@@ -128,6 +130,20 @@ struct Geometry {
 bool run_serial(const Geometry& g) {
   return at::get_num_threads() == 1 || at::in_parallel_region() ||
       g.work() < debug::threshold(debug::kDepthwiseSerialWork, kSerialWork);
+}
+
+// Whether a geometry's scratch would be enormous: a stride or dilation far beyond the map (a
+// padded extent of 2^30 read by a few taps). The scratch of a band holds the strided, dilated
+// window of one output row (planes: one per stride phase); ATen's convolution sizes its work by
+// the output instead, so these calls go to it (forward and backward): the same results, no
+// allocation of gigabytes. In double: the products may overflow int64.
+bool beyond_scratch(const Geometry& g) {
+  constexpr double kMaxElements = double(int64_t(1) << 26);
+  const double rows = double(g.KH - 1) * double(g.dh) + 1.0;
+  const double cols = double(g.OW - 1) * double(g.sw) + double(g.KW - 1) * double(g.dw) + 1.0;
+  const double phases = double(g.sh) * double(g.sw);
+  return rows * cols * 16.0 > kMaxElements || phases * (rows / double(g.sh) + 1.0) > kMaxElements ||
+      phases > kMaxElements / 64.0;
 }
 
 template <typename F>
@@ -1342,9 +1358,9 @@ void cl_input_grad(const at::Tensor& weight, const scalar_t* gy, at::Tensor& gi,
   constexpr int64_t V = at::vec::Vectorized<opmath_t<scalar_t>>::size();
   const at::Tensor w4 = weight.reshape({weight.size(0), 1, g.KH, g.KW});
   scalar_t* out = gi.mutable_data_ptr<scalar_t>();
-  for (int64_t rh = 0; rh < g.sh; ++rh) {
+  for (int64_t rh = 0; rh < std::min(g.sh, g.H); ++rh) {  // phases r >= H have no positions
     const Phase py = phase_of(rh, g.H, g.KH, g.sh, g.ph, g.dh);
-    for (int64_t rw = 0; rw < g.sw; ++rw) {
+    for (int64_t rw = 0; rw < std::min(g.sw, g.W); ++rw) {
       const Phase px = phase_of(rw, g.W, g.KW, g.sw, g.pw, g.dw);
       if (py.count == 0 || px.count == 0) {
         continue;
@@ -1373,7 +1389,7 @@ template <typename scalar_t>
 void plane_input_grad(const at::Tensor& weight, const scalar_t* gy, at::Tensor& gi, const Geometry& g, bool serial) {
   const at::Tensor w4 = weight.reshape({weight.size(0), 1, g.KH, g.KW});
   scalar_t* out = gi.mutable_data_ptr<scalar_t>();
-  for (int64_t rh = 0; rh < g.sh; ++rh) {
+  for (int64_t rh = 0; rh < std::min(g.sh, g.H); ++rh) {  // phases r >= H have no positions
     const Phase py = phase_of(rh, g.H, g.KH, g.sh, g.ph, g.dh);
     if (py.count == 0) {
       continue;
@@ -1398,6 +1414,10 @@ at::Tensor forward(
   const at::Tensor* bias = bias_opt.has_value() && bias_opt->defined() ? &*bias_opt : nullptr;
   check_tensors(a, input, weight, bias);
   const Geometry g = geometry(a, input.sizes(), weight.sizes(), stride, padding, dilation);
+  if (beyond_scratch(g)) {
+    return at::convolution(input, weight, bias_opt, stride, padding, dilation, false,
+                           std::vector<int64_t>(stride.size(), 0), g.C);
+  }
   const bool cl = channels_last(a, input);
   at::Tensor x = dense(input, cl, a.is1d);
   at::Tensor y = new_output(g, g.channels_out(), g.OH, g.OW, input.options(), cl, a.is1d);
@@ -1427,6 +1447,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       a.is1d ? std::vector<int64_t>{g.N, g.channels_out(), g.OW} : std::vector<int64_t>{g.N, g.channels_out(), g.OH, g.OW};
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(out_shape), a.op, ": grad must have the output's shape ",
               at::IntArrayRef(out_shape), ", got ", grad.sizes());
+  if (beyond_scratch(g)) {
+    const std::vector<int64_t> bias_sizes{g.channels_out()};
+    return at::convolution_backward(grad, input, weight, at::IntArrayRef(bias_sizes), stride, padding, dilation,
+                                    false, std::vector<int64_t>(stride.size(), 0), g.C, mask);
+  }
   const bool cl = channels_last(a, input);
   const bool serial = run_serial(g);
   const at::Tensor gy = dense(grad, cl, a.is1d);
@@ -1536,6 +1561,9 @@ std::string describe(
   const int64_t acc_bytes = dtype == at::kDouble ? 8 : 4;
   const int64_t V = dtype == at::kDouble ? at::vec::Vectorized<double>::size() : at::vec::Vectorized<float>::size();
   std::ostringstream s;
+  if (beyond_scratch(g)) {
+    return "ATen's convolution: a stride or dilation far beyond the map (the scratch would be enormous)";
+  }
   s << (serial ? "small call: on the calling thread, no parallel region" : "parallel") << "; " << g.work()
     << " multiply-adds; ";
   const Path path = path_of(cl, g.OH, g.OW);
