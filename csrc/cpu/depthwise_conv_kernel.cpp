@@ -360,10 +360,11 @@ void plane_pass(const PlanePass<scalar_t>& p, int64_t N, bool serial) {
         fill_band(p, p.src + (n * p.src_planes + s) * p.Hs * p.Ws, oh0, rows, planes, PS);
         band_conv(acc, (rows - 1) * Wq + p.OW, planes, tap_at.data(), p.table + row * K, K, j > 0, init);
       }
-      scalar_t* dst = p.out + plane * p.oplane() + oh0 * p.orow();
+      const int64_t orow = p.orow();
+      scalar_t* dst = p.out + plane * p.oplane() + oh0 * orow;
       for (int64_t b = 0; b < rows; ++b) {
         const acc_t* a = acc + b * Wq;
-        scalar_t* d = dst + b * p.orow();
+        scalar_t* d = dst + b * orow;
         int64_t i = 0;
         for (; i + V <= p.OW; i += V) {
           store_opmath(d + i, at::vec::Vectorized<acc_t>::loadu(a + i), V);
@@ -928,6 +929,7 @@ inline void cl_run(const RowPass<scalar_t>& p, const scalar_t* img, scalar_t* or
   using acc_t = opmath_t<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
+  const int64_t opix = p.opix();  // a local: a field read would be redone after every store
   for (int64_t c0 = 0; c0 < p.C; c0 += V) {
     const int64_t nc = std::min(V, p.C - c0);
     const Vec init = p.bias ? Vec::loadu(p.bias + c0) : Vec(0);
@@ -951,7 +953,7 @@ inline void cl_run(const RowPass<scalar_t>& p, const scalar_t* img, scalar_t* or
       }
     }
     for (int r = 0; r < nr; ++r) {
-      store_opmath(orow + (ow0 + r) * p.opix() + c0, acc[r], nc);
+      store_opmath(orow + (ow0 + r) * opix + c0, acc[r], nc);
     }
   }
 }
@@ -963,7 +965,7 @@ void cl_run_interior(const RowPass<scalar_t>& p, const scalar_t* img, scalar_t* 
   using acc_t = opmath_t<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const int64_t C = p.C;
+  const int64_t C = p.C, opix = p.opix();  // locals: field reads would be redone after every store
   // Kernel rows inside the map: ih = oh * sh - ph + kh * dh in [0, Hs).
   const int64_t top = oh * p.sh - p.ph;
   const int64_t kh0 = std::clamp<int64_t>(div_ceil(-top, p.dh), 0, p.KH);
@@ -980,7 +982,7 @@ void cl_run_interior(const RowPass<scalar_t>& p, const scalar_t* img, scalar_t* 
     run_taps<KW, S, R>(acc, x + c0, C, p.dh * p.Ws * C, kh0, kh1, p.table + c0, p.Cpad, nc);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      store_opmath(orow + (ow0 + r) * p.opix() + c0, acc[r], nc);
+      store_opmath(orow + (ow0 + r) * opix + c0, acc[r], nc);
     }
   }
 }
