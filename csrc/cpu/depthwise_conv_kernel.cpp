@@ -57,7 +57,8 @@
 //
 // 4. Weight and bias gradients: sums over images and pixels of grad * input. NCHW: one output
 //    channel per work item, its images and bands in order (dot products of each output row with
-//    each tap's input run from the same phase planes). channels_last: a fixed number of chunks of
+//    each tap's input run from the same phase planes, up to kMaxTapsAtOnce taps per pass with
+//    their sums in registers over the band: wgrad_taps). channels_last: a fixed number of chunks of
 //    rows (kWeightChunks, not the thread count), each summing into its own [K + 1, C] partial,
 //    added in chunk order; inside a row, the columns where every tap of a kernel row is inside
 //    the map sum all of them in one pass (one independent FMA chain per tap, wgrad_columns). Both give the same bits at every thread count, as every other
