@@ -271,7 +271,7 @@ class RoIFuzz:
             bwd = (rois, scale, ph, pw, n, c, h, w, *rest)
         elif self.name == "ps_roi_align":
             bwd = (rois, result[1], scale, ph, pw, rest[0], n, c, h, w)
-        else:  # pools: ours's argmax (or channel mapping) for both: tied maxima may pick either
+        else:  # pools: our argmax (or channel mapping) for both: tied maxima may pick either
             bwd = (rois, result[1], scale, ph, pw, n, c, h, w)
         if self.name == "ps_roi_pool":
             # torchvision's backward is not its forward's gradient for bins on the last row or

@@ -487,9 +487,9 @@ void wgrad_taps_fixed(const scalar_t* gband, int64_t OW, int64_t rows, const typ
   }
 }
 
+// wgrad_taps_fixed for T taps, 1 <= T <= kMaxTapsAtOnce.
 template <typename scalar_t, typename Vec>
-void wgrad_taps(int64_t T,  // 1 <= T <= kMaxTapsAtOnce
- const scalar_t* gband, int64_t OW, int64_t rows, const typename Vec::value_type* planes,
+void wgrad_taps(int64_t T, const scalar_t* gband, int64_t OW, int64_t rows, const typename Vec::value_type* planes,
                 int64_t Wq, const int64_t* at, Vec* sums) {
   switch (T) {
     case 1: return wgrad_taps_fixed<1>(gband, OW, rows, planes, Wq, at, sums);
