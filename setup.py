@@ -92,7 +92,7 @@ ext_modules = [
         sources=[str(Path(s).relative_to(ROOT)) for s in _build.sources(_build.CSRC)],
         include_dirs=[str(_build.CSRC)],
         extra_compile_args=_build.cflags(isa) + _build.AOT_CFLAGS,
-        extra_link_args=_build.LDFLAGS + _build.AOT_LDFLAGS,
+        extra_link_args=_build.ldflags() + _build.AOT_LDFLAGS,
         py_limited_api=False,
     )
     for isa in VARIANTS

@@ -287,6 +287,7 @@ def test_bench_deform_conv2d_runs():
     assert all(r["ms"] > 0 and r["vs_aten_conv2d"] > 0 for r in rows)
 
 
+@pytest.mark.measures_memory
 def test_extra_peak_reads_what_a_call_allocates():
     import peak_memory
 
@@ -303,6 +304,7 @@ def test_extra_peak_reads_what_a_call_allocates():
     assert res["output_bytes"] == 64 * peak_memory.MIB and abs(res["extra_peak_bytes"]) < 3 * peak_memory.MIB
 
 
+@pytest.mark.measures_memory
 def test_deform_memory_runs():
     import peak_memory
 

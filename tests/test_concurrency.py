@@ -341,6 +341,7 @@ def measure_steady_state(samples: dict[str, list[Sample]], calls: int = LEAK_CAL
     return points
 
 
+@pytest.mark.measures_memory
 def test_output_pool_bounded_and_memory_steady_over_10000_calls(samples):
     """10,000 calls of every op from 4 threads, every output through the output pool: the pool
     stays within its cap and empty_cache() empties it; RSS and the heap (but the pool's blocks)

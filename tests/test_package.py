@@ -279,3 +279,21 @@ def test_variants_to_build():
     assert _build.variants_to_build("default, avx512") == ["AVX512", "DEFAULT"]
     with pytest.raises(ValueError, match="unknown variant.*SSE4"):
         _build.variants_to_build("AVX2,SSE4")
+
+
+def test_sanitizer_build_is_a_library_of_its_own_that_needs_its_runtime(monkeypatch):
+    # scripts/sanitize.sh runs the suite on it; here, what it changes and its error without the runtime.
+    monkeypatch.delenv(_build.SANITIZE_ENV, raising=False)
+    plain = _build.library_name("AVX512", "2.14.1+cu130")
+    assert not any("sanitize" in f for f in _build.cflags("AVX512") + _build.ldflags())
+    monkeypatch.setenv(_build.SANITIZE_ENV, "1")
+    assert _build.library_name("AVX512", "2.14.1+cu130") != plain
+    assert "-fsanitize=address,undefined" in _build.cflags("AVX512")
+    assert "-fsanitize=address,undefined" in _build.ldflags()
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env.update(PYTHONPATH=str(ROOT), **{_build.SANITIZE_ENV: "1"})
+    res = subprocess.run(
+        [sys.executable, "-c", "import torchvision_cpu_ext"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert res.returncode != 0
+    assert "LD_PRELOAD" in res.stderr and "scripts/sanitize.sh" in res.stderr

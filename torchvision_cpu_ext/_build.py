@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,18 @@ COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 # --wrap: this library's calls of at::init_num_threads go to its own wrapper (NOTE [ thread count
 # on first use ] in csrc/cpu/override.cpp).
 LDFLAGS = ["-fopenmp", "-Wl,--wrap=_ZN2at16init_num_threadsEv"]
+
+# The opt-in sanitizer build (TORCHVISION_CPU_EXT_SANITIZE=1; scripts/sanitize.sh runs the tests
+# on it): AddressSanitizer and UndefinedBehaviorSanitizer in every translation unit, the first
+# report fatal. Its flags are part of the digest, so it is a library of its own name; it needs
+# the ASan runtime preloaded into Python (the loader says how when it is not).
+SANITIZE_ENV = "TORCHVISION_CPU_EXT_SANITIZE"
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+
+
+def sanitize() -> bool:
+    return os.environ.get(SANITIZE_ENV, "") not in ("", "0")
+
 
 # Ahead of time only. setuptools compiles with Python's own CFLAGS, which carry -g: debug
 # information was most of each shipped library. -s drops the static symbol table too (the
@@ -141,7 +154,11 @@ def headers(csrc: Path | None = None) -> list[str]:
 
 
 def cflags(isa: str) -> list[str]:
-    return COMMON_FLAGS + ISA_FLAGS[isa]
+    return COMMON_FLAGS + ISA_FLAGS[isa] + (SANITIZE_FLAGS if sanitize() else [])
+
+
+def ldflags() -> list[str]:
+    return LDFLAGS + (SANITIZE_FLAGS if sanitize() else [])
 
 
 def source_hash(isa: str, csrc: Path | None = None) -> str:
@@ -150,7 +167,7 @@ def source_hash(isa: str, csrc: Path | None = None) -> str:
     for path in sources(csrc) + headers(csrc):
         h.update(Path(path).name.encode())
         h.update(Path(path).read_bytes())
-    h.update(" ".join(cflags(isa) + LDFLAGS).encode())
+    h.update(" ".join(cflags(isa) + ldflags()).encode())
     return h.hexdigest()[:10]
 
 

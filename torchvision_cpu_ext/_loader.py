@@ -138,10 +138,24 @@ def _precompiled_header(build_dir: Path, name: str, isa: str, csrc: Path, cpp_ex
     return use
 
 
+def _check_sanitizer_runtime() -> None:
+    """The sanitizer build aborts the process at load unless the ASan runtime came first."""
+    with open("/proc/self/maps") as maps:
+        if "libasan" in maps.read():
+            return
+    raise RuntimeError(
+        f"torchvision_cpu_ext: {_build.SANITIZE_ENV}=1 loads a build with AddressSanitizer, whose runtime "
+        'must be preloaded into Python: run with LD_PRELOAD="$(c++ -print-file-name=libasan.so) '
+        '$(c++ -print-file-name=libubsan.so)" (scripts/sanitize.sh does)'
+    )
+
+
 def load() -> Loaded:
     isa = cpu_variant()
-    # A lower variant runs on this CPU too, and needs no compiler.
-    for variant in _build.ISA_ORDER[_build.ISA_ORDER.index(isa) :]:
+    if _build.sanitize():
+        _check_sanitizer_runtime()
+    # A lower variant runs on this CPU too, and needs no compiler (not the sanitizer build's).
+    for variant in _build.ISA_ORDER[_build.ISA_ORDER.index(isa) :] if not _build.sanitize() else ():
         pre = _prebuilt(_build.library_name(variant, torch.__version__))
         if pre is not None:
             torch.ops.load_library(str(pre))
@@ -170,7 +184,7 @@ def load() -> Loaded:
         name=name,
         sources=_build.sources(csrc),
         extra_cflags=_build.cflags(isa) + pch,
-        extra_ldflags=list(_build.LDFLAGS),  # cpp_extension appends to the list it is given
+        extra_ldflags=_build.ldflags(),  # a new list: cpp_extension appends to the one it is given
         extra_include_paths=[str(csrc)],
         build_directory=str(build_dir),
         is_python_module=False,
