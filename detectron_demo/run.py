@@ -271,6 +271,7 @@ def check_correctness(
                 row["ok"] = fp32_equal(row, box_tol, score_tol, logit_tol)
             elif stock_bf16:
                 row["stock_bf16_vs_stock_fp32"] = compare(fp32_stock, stock)
+                row["package_bf16_vs_stock_fp32"] = compare(fp32_stock, ext)
                 row["ok"] = None  # reported, not asserted (see the README)
             else:
                 row["reference"] = "stock fp32"
@@ -738,10 +739,16 @@ def fmt_check(rows: list[dict], tol: dict) -> str:
             )
         for c in rows:
             if "stock_bf16_vs_stock_fp32" in c:
-                s = c["stock_bf16_vs_stock_fp32"]
+                s, p = c["stock_bf16_vs_stock_fp32"], c.get("package_bf16_vs_stock_fp32")
                 lines.append(
                     f"\nFor scale, {c['layout']}: stock bf16 autocast vs stock fp32: max abs logit diff "
-                    f"{s['max_abs_logit']:.2g}, top-1 equal {s['top1_equal']}/{s['images']}."
+                    f"{s['max_abs_logit']:.2g}, top-1 equal {s['top1_equal']}/{s['images']}"
+                    + (
+                        f"; the package's bf16 vs stock fp32: {p['max_abs_logit']:.2g}, top-1 equal "
+                        f"{p['top1_equal']}/{p['images']}."
+                        if p
+                        else "."
+                    )
                 )
         worst = max(c["max_abs_logit"] for c in fp32)
         lines.append(

@@ -215,7 +215,11 @@ def test_mobilenet_v3_large(tmp_path):
     fp32 = [c for c in report["correctness"] if c["dtype"] == "fp32"]
     assert len(fp32) == 2 and all(c["ok"] and c["images"] == 2 for c in fp32), fp32
     bf16 = [c for c in report["correctness"] if c["dtype"] == "bf16"]
-    assert all(0 < c["max_abs_logit"] < 2 for c in bf16), bf16  # ran under autocast, still the same model
+    # Ran under autocast (not bit-equal to stock's bf16), and no further from float32 than stock's
+    # bf16: by more than a third of stock's own bf16 error, as two bf16 roundings of one model may.
+    for c in bf16:
+        ours, stocks = c["package_bf16_vs_stock_fp32"]["max_abs_logit"], c["stock_bf16_vs_stock_fp32"]["max_abs_logit"]
+        assert 0 < c["max_abs_logit"] and 0 < ours <= 1.5 * stocks, bf16
     stock, ours = (p["categories_ms"] for p in report["profiles"])
     assert stock["convolution (ATen)"] > 0 and stock["depthwise convolution (package op)"] == 0
     assert ours["depthwise convolution (package op)"] > 0, ours
