@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from op_tester import torchvision_kernels_loaded
+from op_tester import num_threads, torchvision_kernels_loaded
 
 import torchvision_cpu_ext
 from torchvision_cpu_ext import _build
@@ -50,10 +49,8 @@ def native() -> bool:
 
 @pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
 def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+    with num_threads(request.param):
+        yield request.param
 
 
 @pytest.fixture

@@ -36,9 +36,8 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import reference  # noqa: E402
+from op_tester import num_threads as threads  # noqa: E402
 from op_tester import torchvision_kernels_loaded  # noqa: E402
 from roi_cases import TOL  # noqa: E402
 
@@ -106,16 +106,6 @@ class Draw:
         wide = torch.zeros(n, c, h, w + 3, dtype=dtype).contiguous(memory_format=fmt)
         wide[..., 2 : w + 2] = x
         return wide[..., 2 : w + 2]
-
-
-@contextmanager
-def threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def stock(fn: Callable[[], Any]) -> Any:

@@ -65,7 +65,8 @@ run by check_bad_input; test_bad_input_raises_clear_errors keeps each op's own a
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -75,6 +76,17 @@ from roi_cases import DTYPES, LAYOUTS, POOLED, TOL, expected_format, make_input,
 
 import torchvision_cpu_ext
 from torchvision_cpu_ext import _registry
+
+
+@contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """torch.set_num_threads(n) for the block, the caller's count restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def torchvision_kernels_loaded() -> bool:
@@ -381,12 +393,8 @@ class OpTester:
             return self.output(self.op(*args))
 
         leaves = [args[i].detach().requires_grad_() for i in self.grad_args]
-        before = torch.get_num_threads()
-        try:
-            torch.set_num_threads(self.gradcheck_threads or before)
+        with num_threads(self.gradcheck_threads or torch.get_num_threads()):
             assert torch.autograd.gradcheck(f, leaves, fast_mode=False)
-        finally:
-            torch.set_num_threads(before)
 
     def test_reduced_precision_backward(self, dtype, layout, threads):
         args = self.make_inputs(dtype, layout, True, **self.default_params())
